@@ -1,0 +1,194 @@
+"""Safe extraction of an untrusted payload tar into a private staging directory.
+
+Only regular files and directories are extracted. Absolute names, ``..``, backslashes,
+control characters, links, devices, FIFOs and duplicate names are rejected, and the
+member count, each file's size, the total size and (for gzip) the expansion ratio are
+enforced while bytes are written, so a bomb is stopped before it fills the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from agent.jmix.errors import UnsafeArchiveError
+
+CHUNK = 1024 * 1024
+PLACEHOLDER = ".jmix-empty"
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Upper bounds applied to every untrusted archive."""
+
+    max_members: int = 100_000
+    max_file_bytes: int = 8 * 1024**3
+    max_total_bytes: int = 64 * 1024**3
+    max_ratio: float = 200.0
+    """Largest allowed uncompressed/compressed ratio for gzip archives."""
+
+
+def safe_member_name(name: str) -> str:
+    """Return a normalised relative POSIX name, or raise UnsafeArchiveError."""
+    if not name or "\x00" in name:
+        raise UnsafeArchiveError("archive member with an empty name", code="unsafe_path")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in name):
+        raise UnsafeArchiveError(
+            f"archive member name {name!r} contains control characters", code="unsafe_path"
+        )
+    if "\\" in name:
+        raise UnsafeArchiveError(
+            f"archive member {name!r} contains a backslash", code="unsafe_path"
+        )
+    if name.startswith("/"):
+        raise UnsafeArchiveError(f"archive member {name!r} is an absolute path", code="unsafe_path")
+    parts = [part for part in PurePosixPath(name).parts if part != "."]
+    if any(part == ".." for part in parts):
+        raise UnsafeArchiveError(
+            f"archive member {name!r} climbs out with '..'", code="unsafe_path"
+        )
+    if not parts:
+        return ""
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class ExtractedFile:
+    """One regular file written during extraction."""
+
+    name: str
+    size: int
+
+
+def _check_type(member: tarfile.TarInfo) -> None:
+    if member.isfile() or member.isdir():
+        return
+    kind = (
+        "symbolic link"
+        if member.issym()
+        else "hard link"
+        if member.islnk()
+        else "device"
+        if member.isdev() and not member.isfifo()
+        else "FIFO"
+        if member.isfifo()
+        else f"type {member.type!r}"
+    )
+    raise UnsafeArchiveError(
+        f"archive member {member.name!r} is a {kind}; only files and folders are allowed",
+        code="unsafe_member_type",
+    )
+
+
+def extract_tar(archive: Path, destination: Path, limits: ArchiveLimits) -> list[ExtractedFile]:
+    """Extract ``archive`` (tar, optionally gzip) into the empty folder ``destination``.
+
+    Returns the regular files written. On error the caller discards ``destination``.
+    """
+    compressed_size = max(archive.stat().st_size, 1)
+    with archive.open("rb") as raw:
+        gzip = raw.read(2) == b"\x1f\x8b"
+    files: list[ExtractedFile] = []
+    seen: set[str] = set()
+    total = 0
+    count = 0
+    try:
+        handle = tarfile.open(archive, mode="r|gz" if gzip else "r|")
+    except tarfile.TarError as exc:
+        raise UnsafeArchiveError(
+            f"payload is not a readable tar: {exc}", code="archive_invalid"
+        ) from exc
+    with handle:
+        try:
+            for member in handle:
+                count += 1
+                if count > limits.max_members:
+                    raise UnsafeArchiveError(
+                        f"archive has more than {limits.max_members} members",
+                        code="archive_too_many_members",
+                    )
+                _check_type(member)
+                name = safe_member_name(member.name)
+                if not name:
+                    continue
+                if name in seen:
+                    raise UnsafeArchiveError(
+                        f"archive member {name!r} appears twice", code="duplicate_member"
+                    )
+                seen.add(name)
+                target = destination / name
+                if member.isdir():
+                    _make_dirs(destination, target)
+                    continue
+                if member.size > limits.max_file_bytes:
+                    raise UnsafeArchiveError(
+                        f"archive member {name!r} is {member.size} bytes; the limit is "
+                        f"{limits.max_file_bytes}",
+                        code="archive_too_large",
+                    )
+                _make_dirs(destination, target.parent)
+                source = handle.extractfile(member)
+                if source is None:
+                    raise UnsafeArchiveError(
+                        f"archive member {name!r} has no data", code="archive_invalid"
+                    )
+                written = _write_member(
+                    source, target, limits, total, compressed_size if gzip else None
+                )
+                total += written
+                if PurePosixPath(name).name == PLACEHOLDER:
+                    target.unlink()
+                    continue
+                files.append(ExtractedFile(name, written))
+        except tarfile.TarError as exc:
+            raise UnsafeArchiveError(
+                f"payload tar is corrupt: {exc}", code="archive_invalid"
+            ) from exc
+        except EOFError as exc:
+            raise UnsafeArchiveError("payload tar is truncated", code="archive_invalid") from exc
+    return files
+
+
+def _make_dirs(root: Path, directory: Path) -> None:
+    """Create ``directory`` below ``root``, refusing to pass through anything but folders."""
+    relative = directory.relative_to(root)
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink() or (current.exists() and not current.is_dir()):
+            raise UnsafeArchiveError(
+                f"archive member {str(relative)!r} collides with a file", code="duplicate_member"
+            )
+        if not current.exists():
+            current.mkdir(mode=0o700)
+
+
+def _write_member(
+    source: object, target: Path, limits: ArchiveLimits, total_before: int, compressed: int | None
+) -> int:
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise UnsafeArchiveError(
+            f"archive member {target.name!r} collides with another", code="duplicate_member"
+        ) from None
+    written = 0
+    read = source.read  # type: ignore[attr-defined]
+    with os.fdopen(fd, "wb") as sink:
+        while chunk := read(CHUNK):
+            written += len(chunk)
+            total = total_before + written
+            if written > limits.max_file_bytes or total > limits.max_total_bytes:
+                raise UnsafeArchiveError(
+                    f"archive expands beyond the limit of {limits.max_total_bytes} bytes",
+                    code="archive_too_large",
+                )
+            if compressed is not None and total > limits.max_ratio * compressed and total > CHUNK:
+                raise UnsafeArchiveError(
+                    f"archive expands more than {limits.max_ratio:g} times; refusing a bomb",
+                    code="archive_ratio",
+                )
+            sink.write(chunk)
+    return written
