@@ -147,6 +147,36 @@ def load_key(source: str | Path, kind: type[_Key], what: str) -> _Key:
         ) from None
 
 
+def load_signing_private(source: str | Path, what: str = "signing key") -> Ed25519PrivateKey:
+    """Load an Ed25519 private key (PEM, raw or base64; file path or text)."""
+    return load_key(source, _ED25519_PRIVATE, what)
+
+
+def load_encryption_private(source: str | Path, what: str = "encryption key") -> X25519PrivateKey:
+    """Load an X25519 private key (PEM, raw or base64; file path or text)."""
+    return load_key(source, _X25519_PRIVATE, what)
+
+
+def load_signing_public(source: str | Path, what: str = "signing public key") -> Ed25519PublicKey:
+    """Load an Ed25519 public key (PEM, raw or base64; file path or text)."""
+    return load_key(source, _ED25519_PUBLIC, what)
+
+
+def load_encryption_public(
+    source: str | Path, what: str = "encryption public key"
+) -> X25519PublicKey:
+    """Load an X25519 public key (PEM, raw or base64; file path or text)."""
+    return load_key(source, _X25519_PUBLIC, what)
+
+
+# The key classes are abstract, which mypy refuses as type[...] arguments at call sites;
+# binding them once here keeps the generic loaders typed.
+_ED25519_PRIVATE: type[Ed25519PrivateKey] = Ed25519PrivateKey  # type: ignore[type-abstract]
+_X25519_PRIVATE: type[X25519PrivateKey] = X25519PrivateKey  # type: ignore[type-abstract]
+_ED25519_PUBLIC: type[Ed25519PublicKey] = Ed25519PublicKey  # type: ignore[type-abstract]
+_X25519_PUBLIC: type[X25519PublicKey] = X25519PublicKey  # type: ignore[type-abstract]
+
+
 def generate_signing_key() -> Ed25519PrivateKey:
     """Return a new Ed25519 signing key."""
     return Ed25519PrivateKey.generate()

@@ -1,0 +1,269 @@
+"""Inbound pipeline: claim an envelope from the inbox, verify it, import it or quarantine it.
+
+    inbox/<name>  --claim (rename)-->  work/in-<uuid>/<name>
+        --verified-->  import/<envelope-id>/      (one rename; ledger records the id)
+        --rejected-->  quarantine/<time>-<name>/  (the input as received + reason.json)
+
+The inbox is untrusted: names are never used to build paths except as the last
+component inside our own folders, after a character check.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent import fsutil
+from agent.audit import AuditSink
+from agent.config import Config
+from agent.identity import LocalIdentity
+from agent.jmix.assertion import TrustedKeys
+from agent.jmix.errors import JmixError
+from agent.jmix.reader import EnvelopeRejected, OpenedEnvelope, OpenPolicy, open_envelope
+from agent.pipeline.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+IGNORED_SUFFIXES = (".partial", ".tmp", ".part")
+
+
+def safe_display_name(name: str) -> str:
+    """Return ``name`` if it is a plain file name, else a hex form that cannot form a path."""
+    if _SAFE_NAME.fullmatch(name) and not name.startswith("."):
+        return name
+    return "x" + name.encode("utf-8", "surrogateescape").hex()[:120]
+
+
+@dataclass(frozen=True)
+class InboundResult:
+    """What happened to one inbox entry."""
+
+    name: str
+    outcome: str
+    envelope_id: str | None = None
+    reason: str | None = None
+
+
+class InboundPipeline:
+    """Processes the inbox; driven by the daemon's main loop."""
+
+    def __init__(
+        self, config: Config, spool: Spool, identity: LocalIdentity, audit: AuditSink
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.identity = identity
+        self.audit = audit
+        self.inbox = fsutil.make_private_dir(config.inbound.inbox)
+        self.import_dir = fsutil.make_private_dir(config.inbound.import_dir)
+        self.quarantine = fsutil.make_private_dir(config.inbound.quarantine_dir)
+        self.ledger = fsutil.make_private_dir(spool.path("ledger"))
+
+    def policy(self) -> OpenPolicy:
+        """Return the open policy built from the peers' pinned keys."""
+        trusted = TrustedKeys(
+            {peer.id: tuple(peer.signing_keys) for peer in self.config.peers},
+            frozenset(self.config.inbound.revoked_fingerprints),
+        )
+        return OpenPolicy(
+            recipient_keys=self.identity.encryption_keys,
+            trusted=trusted,
+            our_id=self.identity.id,
+            require_sender_identity=True,
+            allow_plain=False,
+        )
+
+    def due_entries(self) -> list[Path]:
+        """Return inbox entries that are complete: not hidden and unchanged for the settle time."""
+        now = time.time()
+        entries = []
+        for entry in sorted(self.inbox.iterdir()):
+            if entry.name.startswith(".") or entry.name.endswith(IGNORED_SUFFIXES):
+                continue
+            if now - _newest_mtime(entry) < self.config.inbound.settle_seconds:
+                continue
+            entries.append(entry)
+        return entries
+
+    def process_all(self) -> list[InboundResult]:
+        """Process every due inbox entry; never raises for a bad envelope."""
+        results = []
+        for entry in self.due_entries():
+            try:
+                results.append(self.process(entry))
+            except Exception:
+                LOGGER.exception("processing inbox entry %r failed unexpectedly", entry.name)
+        return results
+
+    def process(self, entry: Path) -> InboundResult:
+        """Claim, verify and import or quarantine one inbox entry."""
+        name = entry.name
+        claim = self.spool.path("work") / f"in-{uuid.uuid4()}"
+        claim.mkdir(mode=0o700)
+        claimed = claim / safe_display_name(name)
+        try:
+            fsutil.rename_durably(entry, claimed)
+        except FileNotFoundError:
+            fsutil.remove_tree(claim)
+            return InboundResult(name, "vanished")
+
+        try:
+            if claimed.is_symlink():
+                return self._reject(
+                    claimed, name, "symlink", "inbox entry is a symbolic link", None
+                )
+            opened = self._open(claimed, claim / "open")
+            if isinstance(opened, InboundResult):
+                return opened
+            return self._import(opened, claimed, name)
+        finally:
+            fsutil.remove_tree(claim)
+
+    def _open(self, claimed: Path, work: Path) -> OpenedEnvelope | InboundResult:
+        work.mkdir(mode=0o700)
+        policy = self.policy()
+        try:
+            return open_envelope(claimed, policy, work)
+        except EnvelopeRejected as exc:
+            envelope_id = _manifest_id(claimed)
+            return self._reject(claimed, claimed.name, exc.code, exc.message, envelope_id, exc)
+        except JmixError as exc:
+            return self._reject(claimed, claimed.name, exc.code, exc.message, _manifest_id(claimed))
+
+    def _import(self, opened: OpenedEnvelope, claimed: Path, name: str) -> InboundResult:
+        envelope_id = opened.envelope_id
+        digest = _manifest_digest(claimed)
+        ledger_entry = self.ledger / f"{envelope_id}.json"
+        if ledger_entry.exists():
+            previous = json.loads(ledger_entry.read_bytes())
+            if previous.get("manifest_sha256") == digest:
+                self.audit.record(
+                    "envelope_duplicate",
+                    envelope_id=envelope_id,
+                    peer=opened.sender_id,
+                    outcome="ignored",
+                    reason="already imported",
+                )
+                LOGGER.info("envelope %s was already imported; duplicate ignored", envelope_id)
+                return InboundResult(name, "duplicate", envelope_id)
+            return self._reject(
+                claimed,
+                name,
+                "replay",
+                "a different envelope with this id was already imported (replay)",
+                envelope_id,
+            )
+
+        target = self.import_dir / envelope_id
+        _publish(opened.payload_dir, target)
+        record = {
+            "envelope_id": envelope_id,
+            "sender": opened.sender_id,
+            "manifest_sha256": digest,
+            "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        fsutil.write_bytes_durably(ledger_entry, json.dumps(record).encode())
+        self.audit.record(
+            "envelope_imported",
+            envelope_id=envelope_id,
+            peer=opened.sender_id,
+            study_uid=_safe_uid(opened.study_uid),
+            count=len(opened.files),
+            dialect=opened.hkdf_dialect,
+            hash_rule=opened.hash_rule,
+            outcome="ok",
+        )
+        LOGGER.info(
+            "imported envelope %s from %s (%d files)",
+            envelope_id,
+            opened.sender_id,
+            len(opened.files),
+        )
+        return InboundResult(name, "imported", envelope_id)
+
+    def _reject(
+        self,
+        claimed: Path,
+        name: str,
+        code: str,
+        message: str,
+        envelope_id: str | None,
+        rejected: EnvelopeRejected | None = None,
+    ) -> InboundResult:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        folder = self.quarantine / f"{stamp}-{safe_display_name(name)}-{uuid.uuid4().hex[:6]}"
+        folder.mkdir(mode=0o700)
+        if claimed.exists() or claimed.is_symlink():
+            fsutil.rename_durably(claimed, folder / claimed.name)
+        reason: dict[str, Any] = {
+            "code": code,
+            "reason": message,
+            "inbox_name": name,
+            "envelope_id": envelope_id,
+            "rejected_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        if rejected is not None:
+            reason["checks"] = [check.__dict__ for check in rejected.checks]
+        fsutil.write_bytes_durably(folder / "reason.json", json.dumps(reason, indent=2).encode())
+        self.audit.record(
+            "envelope_rejected",
+            envelope_id=envelope_id,
+            reason=f"{code}: {message}",
+            path=folder.name,
+            outcome="quarantined",
+        )
+        LOGGER.warning("rejected inbox entry %r (%s): %s; moved to %s", name, code, message, folder)
+        return InboundResult(name, "rejected", envelope_id, code)
+
+
+def _newest_mtime(entry: Path) -> float:
+    newest = entry.lstat().st_mtime
+    if entry.is_dir() and not entry.is_symlink():
+        for child in entry.rglob("*"):
+            newest = max(newest, child.lstat().st_mtime)
+    return newest
+
+
+def _manifest_digest(package: Path) -> str:
+    path = package / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def _manifest_id(package: Path) -> str | None:
+    """Return the manifest's id if it is a UUID (for the audit record), else None."""
+    try:
+        value = json.loads((package / "manifest.json").read_bytes()).get("id")
+        return str(uuid.UUID(value)) if isinstance(value, str) else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _safe_uid(value: str | None) -> str | None:
+    if value and re.fullmatch(r"[0-9.]{1,64}", value):
+        return value
+    return None
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Make ``staging`` appear as ``target`` in one rename, copying first across filesystems."""
+    fsutil.fsync_tree(staging)
+    try:
+        fsutil.rename_durably(staging, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    temporary = fsutil.temp_name(target)
+    shutil.copytree(staging, temporary)
+    fsutil.fsync_tree(temporary)
+    fsutil.rename_durably(temporary, target)
