@@ -1,10 +1,13 @@
 """The local audit log: JSON Lines, append-only, one record per event, hash-chained.
 
 Each record carries ``prev``, the SHA-256 of the previous line's exact bytes (the first
-record's ``prev`` is 64 zeros), and ``seq``, its position. Changing, removing,
-reordering or truncating records therefore breaks the chain at the first affected
-record, which :func:`verify_log` reports. Records hold ids and UIDs, never patient
-attributes: callers pass only the fields listed in :data:`ALLOWED_FIELDS`.
+record's ``prev`` is 64 zeros), and ``seq``, its position. Changing, removing or
+reordering records therefore breaks the chain at the first affected record, which
+:func:`verify_log` reports. The chain alone cannot show that the newest records were
+cut off or that the last one was edited, so a sidecar ``<log>.head`` holds the
+sequence number and hash of the newest record, rewritten atomically after each append.
+Records hold ids and UIDs, never patient attributes: callers pass only the fields listed
+in :data:`ALLOWED_FIELDS`.
 """
 
 from __future__ import annotations
@@ -129,6 +132,8 @@ class AuditLog:
                 fsutil.fsync_dir(self.path.parent)
             self._prev = _line_hash(line)
             self._seq += 1
+            head = json.dumps({"seq": self._seq, "hash": self._prev}).encode()
+            fsutil.write_bytes_durably(head_path(self.path), head, mode=0o640)
 
     def _truncate_torn_tail(self, fd: int) -> None:
         """Cut a partial last line left by a crash so the new record starts on its own line."""
@@ -142,6 +147,11 @@ class AuditLog:
             handle.seek(0)
             data = handle.read()
         os.ftruncate(fd, data.rfind(b"\n") + 1)
+
+
+def head_path(path: Path) -> Path:
+    """Return the path of the sidecar that anchors the newest record."""
+    return path.with_name(path.name + ".head")
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -187,4 +197,27 @@ def verify_log(path: Path) -> ChainReport:
                 return ChainReport(count, False, number, f"sequence number is not {number}")
             prev = _line_hash(line)
             count += 1
+    return _check_head(path, count, prev)
+
+
+def _check_head(path: Path, count: int, last_hash: str) -> ChainReport:
+    """Compare the end of the chain with the head sidecar, when there is one."""
+    head_file = head_path(path)
+    if not head_file.exists():
+        return ChainReport(count, True)
+    try:
+        head = json.loads(head_file.read_bytes())
+        seq, digest = int(head["seq"]), str(head["hash"])
+    except (ValueError, KeyError, TypeError):
+        return ChainReport(count, False, count + 1, f"{head_file.name} is unreadable")
+    if seq > count:
+        return ChainReport(
+            count,
+            False,
+            count + 1,
+            f"records {count + 1} to {seq} are missing: the log was truncated",
+        )
+    if seq == count and digest != last_hash:
+        return ChainReport(count, False, count, "the last record was changed")
+    # seq < count: a crash between appending a record and rewriting the head.
     return ChainReport(count, True)

@@ -197,9 +197,13 @@ def cmd_seal(args: argparse.Namespace) -> int:
         raise Failure(f"no DICOM files found in {source}")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    try:
+        metadata = build_metadata([item.path for item in files])
+    except ValueError as exc:
+        raise Failure(f"{source}: {exc}") from None
     result = seal_envelope(
         files,
-        build_metadata([item.path for item in files]),
+        metadata,
         output,
         sender,
         signing,
@@ -271,6 +275,8 @@ class _AnyEntity(dict[str, Sequence[bytes]]):
 
 
 def _run_open(args: argparse.Namespace, keep: Path | None) -> int:
+    if keep is not None and keep.exists() and any(keep.iterdir()):
+        raise UsageError(f"output folder {keep} is not empty; choose a new one")
     policy = _open_policy(args)
     envelope = Path(args.envelope)
     with tempfile.TemporaryDirectory(prefix="jmix-open-") as work:
@@ -280,16 +286,11 @@ def _run_open(args: argparse.Namespace, keep: Path | None) -> int:
             _report_checks(args, exc.checks, envelope, ok=False, code=exc.code)
             return EXIT_FAILED
         unverified = opened.sender is None
-        if keep is not None and not unverified:
-            if keep.exists() and any(keep.iterdir()):
-                raise UsageError(f"output folder {keep} is not empty; choose a new one")
-            keep.parent.mkdir(parents=True, exist_ok=True)
-            if keep.exists():
-                keep.rmdir()
-            fsutil.fsync_tree(opened.payload_dir)
-            fsutil.rename_durably(opened.payload_dir, keep) if _same_fs(
-                opened.payload_dir, keep
-            ) else _copy_tree(opened.payload_dir, keep)
+        if unverified:
+            print(f"{PROG}: warning: the sender of {envelope} is NOT verified", file=sys.stderr)
+        write = keep is not None and (not unverified or args.allow_untrusted_sender)
+        if write and keep is not None:
+            _write_output(opened.payload_dir, keep)
         _report_checks(
             args,
             opened.checks,
@@ -298,15 +299,30 @@ def _run_open(args: argparse.Namespace, keep: Path | None) -> int:
             extra={
                 "envelope_id": opened.envelope_id,
                 "sender": opened.sender_id,
+                "sender_verified": not unverified,
                 "hkdf_dialect": opened.hkdf_dialect,
                 "hash_rule": opened.hash_rule,
                 "files": opened.files,
-                "output": str(keep) if keep and not unverified else None,
+                "output": str(keep) if write else None,
             },
         )
         if unverified and not args.allow_untrusted_sender:
             return EXIT_FAILED
     return EXIT_OK
+
+
+def _write_output(payload: Path, keep: Path) -> None:
+    """Move the verified payload to ``keep`` (a new or empty folder) in one rename."""
+    if keep.exists() and any(keep.iterdir()):
+        raise UsageError(f"output folder {keep} is not empty; choose a new one")
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    if keep.exists():
+        keep.rmdir()
+    fsutil.fsync_tree(payload)
+    if _same_fs(payload, keep):
+        fsutil.rename_durably(payload, keep)
+    else:
+        _copy_tree(payload, keep)
 
 
 def _same_fs(a: Path, b: Path) -> bool:

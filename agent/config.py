@@ -294,36 +294,50 @@ class _Loader:
         return value if value.is_absolute() else (self.path.parent / value).resolve()
 
     def line_of(self, key: str) -> int | None:
-        """Find the line of a key path such as ``peers[2].transport.host`` (best effort)."""
+        """Find the line of a key path such as ``peers[2].transport.host`` (best effort).
+
+        Table headers are searched through the whole file, a plain key only inside its
+        own table. A key that is not in the file gives the line of its table's header.
+        """
         parts = re.findall(r"([A-Za-z_][A-Za-z0-9_-]*)(?:\[(\d+)\])?", key)
-        line_index = 0
+        found_line: int | None = None
+        start = 0
         table: list[str] = []
         for depth, (name, index) in enumerate(parts):
-            header_plain = re.compile(r"\s*\[\s*" + re.escape(".".join([*table, name])) + r"\s*\]")
-            header_array = re.compile(
-                r"\s*\[\[\s*" + re.escape(".".join([*table, name])) + r"\s*\]\]"
-            )
+            dotted = re.escape(".".join([*table, name]))
+            header = re.compile(r"\s*\[\[?\s*" + dotted + r"\s*\]\]?\s*(#.*)?$")
             assign = re.compile(r"\s*" + re.escape(name) + r"\s*=")
+            last = depth == len(parts) - 1
             wanted = int(index) if index else 1
-            found = None
             count = 0
-            for number in range(line_index, len(self.lines)):
+            match = None
+            for number in range(start, len(self.lines)):
                 text = self.lines[number]
-                last = depth == len(parts) - 1
-                if (
-                    header_array.match(text)
-                    or header_plain.match(text)
-                    or (last and assign.match(text))
-                ):
+                if header.match(text):
                     count += 1
-                    if count == wanted:
-                        found = number
+                elif last and assign.match(text):
+                    count += 1
+                elif number > start and text.lstrip().startswith("[") and not header.match(text):
+                    if last and found_line is not None and not self._is_subtable(text, table):
                         break
-            if found is None:
-                return line_index + 1 if line_index else None
-            line_index = found
+                    continue
+                else:
+                    continue
+                if count == wanted:
+                    match = number
+                    break
+            if match is None:
+                return found_line
+            found_line = match + 1
+            start = match
             table.append(name)
-        return line_index + 1
+        return found_line
+
+    @staticmethod
+    def _is_subtable(text: str, table: list[str]) -> bool:
+        """Return True if a header line opens a table nested in ``table``."""
+        prefix = ".".join(table) + "."
+        return bool(table) and text.strip().lstrip("[").startswith(prefix)
 
     def error(self, key: str, problem: str) -> ConfigError:
         line = self.line_of(key) if key else None
@@ -374,9 +388,7 @@ def _transport(reader: _Reader | None) -> TransportConfig | None:
 
 def _peer(reader: _Reader) -> PeerConfig:
     identifier = reader.text("id", pattern=PEER_ID)
-    encryption = _public_key(
-        reader, "encryption_key", False, reader.text("encryption_key")
-    )
+    encryption = _public_key(reader, "encryption_key", False, reader.text("encryption_key"))
     signing_values = reader.get(
         "signing_key", (str, list), what="a base64 public key or a list of them"
     )
