@@ -38,12 +38,12 @@ def notify(message: str) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.connect(address)
             sock.sendall(message.encode())
-        except OSError as exc:
-            LOGGER.debug("sd_notify failed: %s", exc)
+    except OSError as exc:
+        LOGGER.debug("sd_notify failed: %s", exc)
 
 
 def build_transport(peer: PeerConfig) -> Transport | None:
