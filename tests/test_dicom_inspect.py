@@ -205,8 +205,8 @@ def test_read_dataset_info_corrupt_deflate_undecodable() -> None:
         read_dataset_info(io.BytesIO(b"\xff" * 64), "1.2.840.10008.1.2.1.99")
 
 
-def test_read_dataset_info_garbage_has_no_uids() -> None:
-    with pytest.raises(InvalidInstanceError, match="StudyInstanceUID is missing"):
+def test_read_dataset_info_garbage_cannot_be_decoded() -> None:
+    with pytest.raises(UndecodableInstanceError, match="cannot be decoded"):
         read_dataset_info(io.BytesIO(b"this is not a dataset" * 8), "1.2.840.10008.1.2.1")
 
 

@@ -77,6 +77,7 @@ _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _FILE_META_GROUP = 0x0002
 _TRANSFER_SYNTAX_TAG = 0x00020010
+_MEDIA_STORAGE_CLASS_TAG = 0x00020002
 _SERIES_INSTANCE_UID_TAG = 0x0020000E
 # Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 table 7.1-1).
 _LONG_LENGTH_VRS = frozenset(
@@ -160,6 +161,8 @@ def read_dataset_info(dataset: BinaryIO, transfer_syntax_uid: str) -> InstanceIn
         dataset.seek(0)
         if is_deflated:
             stream = io.BytesIO(zlib.decompress(dataset.read(), -zlib.MAX_WBITS))
+        _check_dataset_ends_cleanly(stream, is_implicit, is_little_endian)
+        stream.seek(0)
         parsed = read_dataset(
             stream,
             is_implicit,
@@ -167,7 +170,7 @@ def read_dataset_info(dataset: BinaryIO, transfer_syntax_uid: str) -> InstanceIn
             stop_when=_at_pixel_data,
             specific_tags=_tags_of(_INSTANCE_TAGS),
         )
-    except OSError:
+    except (OSError, InvalidInstanceError):
         raise
     except Exception as exc:
         raise UndecodableInstanceError(_decode_failure(exc)) from exc
@@ -316,6 +319,7 @@ class _WalkState:
     last_tag: int = 0
     seen_rows: bool = False
     seen_pixel_data: bool = False
+    media_storage_class: str | None = None
 
 
 def check_complete(source: Path | BinaryIO) -> None:
@@ -369,6 +373,9 @@ def check_complete(source: Path | BinaryIO) -> None:
         except _StructureNotUnderstood:
             return
 
+    if state.media_storage_class == MEDIA_STORAGE_DIRECTORY:
+        # A DICOMDIR has no series; read_instance_info rejects it with its own reason.
+        return
     if state.last_tag < _SERIES_INSTANCE_UID_TAG:
         # Elements are in ascending tag order and SeriesInstanceUID is Type 1 in every
         # composite IOD, so a dataset that ends before it was cut short.
@@ -393,11 +400,36 @@ def _skip_file_meta(handle: BinaryIO, state: _WalkState) -> str | None:
         if struct.unpack("<H", group_bytes)[0] != _FILE_META_GROUP:
             return transfer_syntax
         tag = _skip_one_element(handle, state, is_implicit=False, is_little_endian=True)
-        if tag == _TRANSFER_SYNTAX_TAG:
+        if tag in (_TRANSFER_SYNTAX_TAG, _MEDIA_STORAGE_CLASS_TAG):
             # The header is 8 bytes whether the meta is explicit VR (as required) or not.
             end = handle.tell()
             value = _read_at(handle, start + 8, end - start - 8)
-            transfer_syntax = value.decode("ascii", "replace").rstrip("\x00 ") or None
+            text = value.decode("ascii", "replace").rstrip("\x00 ") or None
+            if tag == _TRANSFER_SYNTAX_TAG:
+                transfer_syntax = text
+            else:
+                state.media_storage_class = text
+
+
+def _check_dataset_ends_cleanly(
+    stream: BinaryIO, is_implicit: bool, is_little_endian: bool
+) -> None:
+    """Raise UndecodableInstanceError if a received dataset ends inside a data element.
+
+    A C-STORE data set arrives whole, so unlike a file in a drop folder it cannot be
+    "still being written": an element that runs past the end means corrupt or truncated
+    data, which pydicom would otherwise silently cut off (pixel data included).
+    """
+    state = _WalkState(stream.seek(0, io.SEEK_END))
+    stream.seek(0)
+    try:
+        _skip_elements(stream, state, is_implicit, is_little_endian, in_item=False, top_level=True)
+    except IncompleteInstanceError as exc:
+        raise UndecodableInstanceError(
+            f"cannot be decoded: the data set ends inside a data element ({exc.reason})"
+        ) from exc
+    except _StructureNotUnderstood as exc:
+        raise UndecodableInstanceError(f"cannot be decoded: {exc}") from exc
 
 
 def _read_at(handle: BinaryIO, offset: int, count: int) -> bytes:

@@ -214,6 +214,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_RELEASED, self._handle_released),
             (evt.EVT_ABORTED, self._handle_aborted),
+            (evt.EVT_CONN_CLOSE, self._handle_connection_closed),
         ]
         self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]
@@ -313,6 +314,19 @@ class StorageSCP:
 
     def _handle_aborted(self, event: Any) -> None:
         self._finish_association(event.assoc, "aborted")
+
+    def _handle_connection_closed(self, event: Any) -> None:
+        """Free the slot of a connection closed before its A-ASSOCIATE-RQ (EVT_CONN_CLOSE).
+
+        pynetdicom 3.0 leaves that acceptor waiting ``acse_timeout`` (30 s) for a request
+        that can no longer arrive, and counts it against ``maximum_associations``. Without
+        this handler, each TCP health check or port scan takes a slot for 30 s. The DUL is
+        in state Sta2 only while it waits for the request, and putting None on its queue
+        ends the wait as the timeout would.
+        """
+        association = event.assoc
+        if association.is_acceptor and association.dul.state_machine.current_state == "Sta2":
+            association.dul.to_user_queue.put(None)
 
     def _finish_association(self, association: object, outcome: str) -> None:
         """Write one instances_received record per study stored during the association."""
