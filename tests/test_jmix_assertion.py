@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydicom.data import get_testdata_files
 
 from agent.dicom.inspect import build_metadata
-from agent.jmix.assertion import TrustedKeys, canonical_bytes
+from agent.jmix.assertion import TrustedKeys, canonical_bytes, required_fields, sign_assertion
 from agent.jmix.errors import IdentityError
 from agent.jmix.reader import EnvelopeRejected, OpenedEnvelope, OpenPolicy, open_envelope
 from agent.jmix.seal import Party, PayloadFile, seal_envelope
@@ -382,3 +382,129 @@ def test_canonical_bytes_missing_path() -> None:
     with pytest.raises(IdentityError) as caught:
         canonical_bytes(CANONICAL_CASE, ["receiver.1.id"])
     assert caught.value.code == "signed_field_missing"
+
+
+# -- requester and receiver assertions ------------------------------------------------------------
+
+
+def add_assertion(
+    sealed: Sealed, role: str, key: Ed25519PrivateKey, fields: list[str], **extra: Any
+) -> None:
+    """Sign ``fields`` with ``key`` and put the assertion on the party at ``role``."""
+
+    def change(manifest: dict[str, Any]) -> None:
+        if role == "requester":
+            manifest["requester"] = {"id": "org:test.referrer", "name": "Referrer"}
+        party = resolve(manifest, role)
+        party["assertion"] = {**sign_assertion(manifest, key, fields), **extra}
+
+    sealed.rewrite(change)
+
+
+def party_check(opened_or_rejected: OpenedEnvelope | EnvelopeRejected, name: str) -> Any:
+    (check,) = [check for check in opened_or_rejected.checks if check.name == name]
+    return check
+
+
+RECEIVER_FIELDS = ["id", "timestamp", "receiver.0.id", "receiver.0.name"]
+REQUESTER_FIELDS = ["id", "timestamp", "requester.id", "requester.name"]
+
+
+def test_receiver_assertion_verified(sealed: Sealed) -> None:
+    receiver_key = Ed25519PrivateKey.generate()
+    add_assertion(sealed, "receiver.0", receiver_key, RECEIVER_FIELDS)
+    pins = {
+        SENDER.id: [sealed.signing.public_key().public_bytes_raw()],
+        RECEIVER.id: [receiver_key.public_key().public_bytes_raw()],
+    }
+    opened = sealed.open(sealed.policy(trusted=TrustedKeys(pins)))
+    assert [(party.role, party.entity_id) for party in opened.parties] == [
+        ("receiver.0", RECEIVER.id)
+    ]
+    assert party_check(opened, "receiver_assertions").detail.startswith("receiver.0 ")
+
+
+def test_receiver_assertion_unpinned_rejected(sealed: Sealed) -> None:
+    add_assertion(sealed, "receiver.0", Ed25519PrivateKey.generate(), RECEIVER_FIELDS)
+    rejected = sealed.reject()
+    assert rejected.code == "key_not_pinned"
+    assert rejected.checks[-1].name == "receiver_assertions"
+    assert list(sealed.work.iterdir()) == []
+
+
+def test_receiver_assertion_not_bound_rejected(sealed: Sealed) -> None:
+    """An assertion that leaves out the envelope id could be copied from another envelope."""
+    receiver_key = Ed25519PrivateKey.generate()
+    add_assertion(sealed, "receiver.0", receiver_key, ["receiver.0.id", "receiver.0.name"])
+    pins = {
+        SENDER.id: [sealed.signing.public_key().public_bytes_raw()],
+        RECEIVER.id: [receiver_key.public_key().public_bytes_raw()],
+    }
+    rejected = sealed.reject(sealed.policy(trusted=TrustedKeys(pins)))
+    assert rejected.code == "assertion_incomplete"
+    assert "id, timestamp" in rejected.message
+
+
+def test_requester_signed_by_sender_accepted(sealed: Sealed) -> None:
+    add_assertion(sealed, "requester", sealed.signing, REQUESTER_FIELDS)
+    opened = sealed.open()
+    assert [(party.role, party.trusted_by) for party in opened.parties] == [
+        ("requester", "signed with the sender's key")
+    ]
+
+
+def test_requester_unknown_key_rejected(sealed: Sealed) -> None:
+    add_assertion(sealed, "requester", Ed25519PrivateKey.generate(), REQUESTER_FIELDS)
+    rejected = sealed.reject()
+    assert rejected.code == "key_not_pinned"
+    assert rejected.checks[-1].name == "requester"
+
+
+def test_requester_changed_after_signing(sealed: Sealed) -> None:
+    add_assertion(sealed, "requester", sealed.signing, REQUESTER_FIELDS)
+    sealed.rewrite(lambda manifest: assign(manifest, "requester.name", "Someone Else"))
+    rejected = sealed.reject()
+    assert rejected.code == "signature_invalid"
+    assert rejected.checks[-1].name == "requester"
+
+
+def test_requester_expired_rejected(sealed: Sealed) -> None:
+    add_assertion(
+        sealed, "requester", sealed.signing, REQUESTER_FIELDS, expires_at="2020-01-01T00:00:00Z"
+    )
+    assert sealed.reject().code == "assertion_expired"
+
+
+def test_requester_missing_field_rejected(sealed: Sealed) -> None:
+    add_assertion(sealed, "requester", sealed.signing, REQUESTER_FIELDS)
+    sealed.rewrite(lambda manifest: manifest["requester"].pop("name"))
+    assert sealed.reject().code == "signed_field_missing"
+
+
+def test_requester_failure_waived_with_sender(sealed: Sealed) -> None:
+    add_assertion(sealed, "requester", Ed25519PrivateKey.generate(), REQUESTER_FIELDS)
+    opened = sealed.open(sealed.policy(trusted=TrustedKeys(), require_sender_identity=False))
+    assert opened.parties == []
+    assert "NOT verified" in party_check(opened, "requester").detail
+
+
+def test_no_party_assertions_reported(sealed: Sealed) -> None:
+    opened = sealed.open()
+    assert party_check(opened, "requester").detail == "no requester assertion (optional)"
+    assert party_check(opened, "receiver_assertions").detail == (
+        "no receiver assertions (optional)"
+    )
+
+
+def test_required_fields_per_role() -> None:
+    manifest = {"receiver": [{"id": "a"}, {"id": "b"}], "security": {"payload_hash": "x"}}
+    assert required_fields(manifest, "requester") == ["id", "timestamp", "requester.id"]
+    assert required_fields(manifest, "receiver.1") == ["id", "timestamp", "receiver.1.id"]
+    assert required_fields(manifest) == [
+        "id",
+        "timestamp",
+        "sender.id",
+        "receiver.0.id",
+        "receiver.1.id",
+        "security.payload_hash",
+    ]

@@ -534,6 +534,9 @@ def test_wrong_recipient_decrypt_failed(keys: Keys, tmp_path: Path) -> None:
         "manifest",
         "sender",
         "receiver",
+        "requester",
+        "receiver_assertions",
+        "jws",
         "ciphertext_hash",
     ]
     assert list(work.rglob("*")) == []

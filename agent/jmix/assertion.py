@@ -33,12 +33,17 @@ ALGORITHM = "Ed25519"
 _MISSING = object()
 
 
-def required_fields(manifest: Mapping[str, Any]) -> list[str]:
-    """Return the paths a sender assertion must cover for this manifest.
+def required_fields(manifest: Mapping[str, Any], role: str = "sender") -> list[str]:
+    """Return the paths an assertion by ``role`` must cover for this manifest.
 
-    Envelope id, timestamp, sender id and every receiver id always; the payload hash and
-    the encryption block whenever the manifest has them.
+    A sender assertion covers the envelope id, timestamp, sender id and every receiver id
+    always, and the payload hash and the encryption block whenever the manifest has them.
+    A requester assertion (``role="requester"``) or the assertion of one receiver
+    (``role="receiver.<index>"``) covers the envelope id, the timestamp and that party's
+    own id, which ties it to this envelope so it cannot be copied into another one.
     """
+    if role != "sender":
+        return ["id", "timestamp", f"{role}.id"]
     paths = ["id", "timestamp", "sender.id"]
     receivers = manifest.get("receiver")
     if isinstance(receivers, list):
@@ -75,7 +80,13 @@ def canonical_bytes(manifest: Mapping[str, Any], signed_fields: Sequence[str]) -
             raise IdentityError(
                 f"signed field {path!r} does not exist in the manifest", code="signed_field_missing"
             ) from None
-    result: bytes = rfc8785.dumps(flat)
+    try:
+        result: bytes = rfc8785.dumps(flat)
+    except rfc8785.CanonicalizationError as exc:
+        # JCS has no form for NaN, integers beyond 2**53 or unpaired surrogates.
+        raise IdentityError(
+            f"a signed field has no canonical JSON form: {exc}", code="assertion_malformed"
+        ) from exc
     return result
 
 
@@ -125,13 +136,19 @@ class AssertionResult:
     signed_fields: tuple[str, ...]
     expires_at: str | None
     trusted_by: str
+    public_key: bytes = b""
+    """The raw Ed25519 key that made the signature."""
 
 
 def _fail(role: str, code: str, message: str) -> IdentityError:
     return IdentityError(f"{role} assertion: {message}", code=code)
 
 
-def _read_public_key(role: str, assertion: Mapping[str, Any]) -> tuple[bytes, str]:
+def read_public_key(role: str, assertion: Mapping[str, Any]) -> tuple[bytes, str]:
+    """Return the assertion's raw public key and its fingerprint, checking the stated one.
+
+    Raises IdentityError (``assertion_malformed`` or ``fingerprint_mismatch``).
+    """
     signing_key = assertion.get("signing_key")
     if not isinstance(signing_key, dict):
         raise _fail(role, "assertion_malformed", "signing_key is missing")
@@ -187,7 +204,7 @@ def verify_assertion(
         raise _fail(role, "assertion_malformed", "the party has no id")
 
     # Steps 1 and 2: the key is well-formed, labelled honestly and pinned.
-    raw, actual = _read_public_key(role, assertion)
+    raw, actual = read_public_key(role, assertion)
     if actual in trusted.revoked:
         raise _fail(role, "key_revoked", f"signing key {actual} is revoked")
     pinned = trusted.by_entity.get(entity_id, ())
@@ -252,6 +269,7 @@ def verify_assertion(
         tuple(signed_fields),
         expires_at if isinstance(expires_at, str) else None,
         trusted_by,
+        raw,
     )
 
 

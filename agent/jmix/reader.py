@@ -2,16 +2,23 @@
 
 The checks run in a fixed order and each one names the attack it stops:
 
-1. layout: a readable manifest.json of bounded size (resource exhaustion);
+1. layout: a zip or tar container is first unpacked into ``work`` with limits (path
+   traversal, links, bombs), then manifest.json is read with a size bound (resource
+   exhaustion);
 2. manifest: aliases normalised, id a UUID, timestamp with a zone, receivers listed,
    the folder name agrees with the id (a renamed or substituted envelope);
 3. identity: the sender's assertion verifies with a pinned key and covers the envelope
-   id, timestamp, parties, payload hash and encryption block (spoofing, field swaps);
-4. receiver: we are one of the receivers (an envelope meant for someone else);
-5. payload hash over the encrypted file, when that is the rule (tampered ciphertext);
-6. decryption: AES-GCM tag verified before any plaintext is unpacked (tampering);
-7. safe extraction into private staging with limits (path traversal, links, bombs);
-8. payload hash over the plaintext when that is the rule, and files.json (substitution).
+   id, timestamp, parties, payload hash and encryption block (spoofing, field swaps),
+   then the signed timestamp lies inside the policy's window (stale or post-dated copies);
+4. receiver: we are one of the receivers (an envelope meant for someone else), and a
+   requester or receiver assertion that is present verifies like the sender's (a forged
+   party);
+5. jws: manifest.jws, when present or required, is the sender's signature over the exact
+   manifest.json bytes (a manifest changed outside the assertion's signed fields);
+6. payload hash over the encrypted file, when that is the rule (tampered ciphertext);
+7. decryption: AES-GCM tag verified before any plaintext is unpacked (tampering);
+8. safe extraction into private staging with limits (path traversal, links, bombs);
+9. payload hash over the plaintext when that is the rule, and files.json (substitution).
 
 Nothing is written outside ``work``; publishing the result is the caller's single rename.
 """
@@ -19,19 +26,21 @@ Nothing is written outside ``work``; publishing the result is the caller's singl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent import fsutil
-from agent.jmix.assertion import AssertionResult, TrustedKeys, required_fields, verify_assertion
+from agent.jmix.assertion import AssertionResult, TrustedKeys
+from agent.jmix.container import container_stem, unpack_container
 from agent.jmix.crypto import IV_LENGTH, TAG_LENGTH, EncryptionParams, decrypt_stream
 from agent.jmix.errors import (
     EnvelopeFormatError,
@@ -41,8 +50,11 @@ from agent.jmix.errors import (
     KeyFormatError,
 )
 from agent.jmix.hashing import line_list_hash, path_walk_hash, sha256_file
+from agent.jmix.jws import DEFAULT_JWS_FILE, JwsError, jws_reference, verify_manifest_jws
 from agent.jmix.keys import b64decode, fingerprint, raw_public
+from agent.jmix.parties import has_assertion, verify_party
 from agent.jmix.profiles import HKDF_INFO_RS, HKDF_INFOS, HashRule
+from agent.jmix.schema import check_document
 from agent.jmix.tarsafe import ArchiveLimits, extract_tar
 from agent.jmix.timeutil import parse_timestamp
 
@@ -59,6 +71,13 @@ class OpenPolicy:
 
     ``trusted`` pins signing keys per sender id. With ``require_sender_identity`` false
     (the CLI's ``--allow-untrusted-sender``) an unverifiable sender is reported, not fatal.
+
+    A plain (unencrypted) envelope is accepted when ``allow_plain`` is set, or when its
+    verified sender id is in ``allow_plain_senders``. ``manifest.jws`` is required when
+    ``require_jws`` is set or the verified sender id is in ``require_jws_senders``.
+    ``directory_keys`` enables directory mode: a party whose key is not pinned is
+    trusted if a directory attestation signed by one of these raw Ed25519 keys vouches
+    for it.
     """
 
     recipient_keys: Sequence[X25519PrivateKey] = ()
@@ -69,6 +88,14 @@ class OpenPolicy:
     require_name_match: bool = True
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
     now: datetime | None = None
+    max_age: timedelta | None = None
+    """Oldest accepted envelope timestamp, counted back from ``now`` (None: no limit)."""
+    max_clock_skew: timedelta | None = None
+    """How far an envelope timestamp may lie ahead of ``now`` (None: no limit)."""
+    allow_plain_senders: frozenset[str] = frozenset()
+    require_jws: bool = False
+    require_jws_senders: frozenset[str] = frozenset()
+    directory_keys: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -94,6 +121,14 @@ class OpenedEnvelope:
     sender: AssertionResult | None
     checks: list[Check]
     files: list[str]
+    manifest_sha256: str = ""
+    """SHA-256 hex of the exact manifest.json bytes that were verified."""
+    container: str | None = None
+    """``zip`` or ``tar`` when the envelope arrived as one file, None for a folder."""
+    parties: list[AssertionResult] = field(default_factory=list)
+    """Verified requester and receiver assertions, besides the sender's."""
+    jws_key: str | None = None
+    """Fingerprint of the key whose manifest.jws verified, when there was one."""
 
     @property
     def study_uid(self) -> str | None:
@@ -101,7 +136,7 @@ class OpenedEnvelope:
         try:
             document = json.loads((self.payload_dir / "metadata.json").read_bytes())
             value = document["studies"]["study_uid"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
         return value if isinstance(value, str) else None
 
@@ -109,38 +144,102 @@ class OpenedEnvelope:
 class EnvelopeRejected(JmixError):
     """Verification failed; ``checks`` lists every step run, the failed one last."""
 
-    def __init__(self, error: JmixError, checks: list[Check]) -> None:
+    def __init__(
+        self, error: JmixError, checks: list[Check], envelope_id: str | None = None
+    ) -> None:
         super().__init__(error.message, code=error.code)
         self.checks = checks
+        self.envelope_id = envelope_id
+        """The manifest's id once the manifest step passed, else None."""
         self.__cause__ = error
 
 
 # -- layout and manifest -----------------------------------------------------------------
 
 
-def find_package_root(path: Path) -> Path:
-    """Return the folder holding manifest.json (the envelope folder itself)."""
+@dataclass(frozen=True)
+class Package:
+    """The folder of an envelope's files, and the names that must agree with its id."""
+
+    root: Path
+    names: tuple[str, ...]
+    container: str | None
+
+
+def locate_package(
+    path: Path, work: Path | None = None, limits: ArchiveLimits | None = None
+) -> Package:
+    """Return the folder holding manifest.json: the envelope folder, or inside a container.
+
+    A zip or tar container is extracted safely into ``work/envelope``, a new folder that
+    the caller owns and deletes. Without ``work`` a container is rejected.
+    """
     if path.is_symlink():
         raise EnvelopeFormatError(
             f"{path} is a symbolic link; refusing to follow it", code="symlink"
         )
-    if not path.is_dir():
+    if path.is_dir():
+        return Package(path, (path.name,), None)
+    if not path.exists():
+        raise EnvelopeFormatError(f"{path} does not exist", code="envelope_missing")
+    if not path.is_file():
         raise EnvelopeFormatError(
-            f"{path} is not an envelope folder (zip and tar containers are not supported yet)",
+            f"{path} is neither a folder nor a regular file", code="container_unsupported"
+        )
+    if work is None:
+        raise EnvelopeFormatError(
+            f"{path} is a file; opening a zip or tar container needs a work folder",
             code="container_unsupported",
         )
-    return path
+    unpacked = unpack_container(path, work / "envelope", limits or ArchiveLimits())
+    names = [container_stem(path.name)]
+    if unpacked.top_folder:
+        names.append(unpacked.top_folder)
+    return Package(unpacked.root, tuple(names), unpacked.kind)
+
+
+def find_package_root(path: Path, work: Path | None = None) -> Path:
+    """Return the folder holding manifest.json; see :func:`locate_package`."""
+    return locate_package(path, work).root
+
+
+def _read_limited(path: Path, limit: int, what: str) -> bytes:
+    if path.is_symlink() or not path.is_file():
+        raise EnvelopeFormatError(f"{what} is missing", code="manifest_missing")
+    if path.stat().st_size > limit:
+        raise EnvelopeFormatError(f"{what} is larger than {limit} bytes", code="json_too_large")
+    return path.read_bytes()
 
 
 def _read_json(path: Path, limit: int, what: str) -> Any:
+    return parse_json(_read_limited(path, limit, what), what)
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """Parse untrusted JSON strictly, raising EnvelopeFormatError (``json_invalid``)."""
     try:
-        if path.is_symlink() or not path.is_file():
-            raise EnvelopeFormatError(f"{what} is missing", code="manifest_missing")
-        if path.stat().st_size > limit:
-            raise EnvelopeFormatError(f"{what} is larger than {limit} bytes", code="json_too_large")
-        return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: deeply nested arrays fit in a small file and exhaust the parser.
         raise EnvelopeFormatError(f"{what} is not valid JSON: {exc}", code="json_invalid") from exc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a JSON object, rejecting a repeated key.
+
+    Parsers disagree on which copy of a repeated key wins, so a manifest with two ``id``
+    values could be verified under one and acted on under the other.
+    """
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        document[key] = value
+    return document
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 _ALIASES = (
@@ -239,12 +338,16 @@ def _encryption_params(block: object) -> EncryptionParams:
     return EncryptionParams(values["ephemeral_public_key"], values["iv"], values["auth_tag"])
 
 
-def _name_matches(package: Path, identifier: str) -> bool:
-    stem = package.name
-    for suffix in ENVELOPE_SUFFIXES:
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-    return stem.lower() == identifier
+def _name_matches(names: Sequence[str], identifier: str) -> bool:
+    """Return True if every name (folder, container file, folder inside it) is the id's."""
+    for name in names:
+        stem = name
+        for suffix in ENVELOPE_SUFFIXES:
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+        if stem.lower() != identifier:
+            return False
+    return True
 
 
 def _hash_value(text: str) -> str | None:
@@ -264,13 +367,14 @@ class _Steps:
 
     def __init__(self) -> None:
         self.checks: list[Check] = []
+        self.envelope_id: str | None = None
 
     def run(self, name: str, step: Callable[[], str]) -> None:
         try:
             detail = step()
         except JmixError as exc:
             self.checks.append(Check(name, False, exc.message))
-            raise EnvelopeRejected(exc, self.checks) from exc
+            raise EnvelopeRejected(exc, self.checks, self.envelope_id) from exc
         self.checks.append(Check(name, True, detail))
 
 
@@ -281,23 +385,35 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
     happens. Raises EnvelopeRejected carrying every check run so far.
     """
     steps = _Steps()
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"parties": []}
 
     def layout() -> str:
-        state["root"] = find_package_root(path)
-        state["manifest"] = normalise_manifest(
-            _checked_object(
-                _read_json(state["root"] / "manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
-            )
-        )
-        return f"manifest.json read from {state['root'].name}"
+        package = locate_package(path, work, policy.limits)
+        state["package"] = package
+        state["root"] = package.root
+        raw = _read_limited(package.root / "manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
+        state["manifest_bytes"] = raw
+        document = _checked_object(parse_json(raw, "manifest.json"))
+        state["schema_notes"] = check_document("manifest.json", document)
+        state["manifest"] = normalise_manifest(document)
+        if package.container is None:
+            return f"manifest.json read from {package.root.name}"
+        return f"manifest.json read from {package.container} container {path.name}"
 
     def manifest() -> str:
         state["id"] = validate_manifest(state["manifest"])
-        if policy.require_name_match and not _name_matches(state["root"], state["id"]):
+        steps.envelope_id = state["id"]
+        names = state["package"].names
+        if policy.require_name_match and not _name_matches(names, state["id"]):
             raise EnvelopeFormatError(
-                f"folder name {state['root'].name!r} does not match manifest id {state['id']}",
+                f"name {' / '.join(names)!r} does not match manifest id {state['id']}",
                 code="name_mismatch",
+            )
+        notes: list[str] = state["schema_notes"]
+        if notes:
+            return (
+                f"envelope {state['id']}; {len(notes)} deviation(s) from the spec schema, "
+                f"accepted: {notes[0]}"
             )
         return f"envelope {state['id']}"
 
@@ -321,7 +437,12 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
     steps.run("layout", layout)
     steps.run("manifest", manifest)
     steps.run("sender", identity)
+    if policy.max_age is not None or policy.max_clock_skew is not None:
+        steps.run("timestamp", lambda: _check_timestamp(state["manifest"]["timestamp"], policy))
     steps.run("receiver", receiver)
+    steps.run("requester", lambda: _check_requester(state, policy))
+    steps.run("receiver_assertions", lambda: _check_receiver_assertions(state, policy))
+    steps.run("jws", lambda: _check_jws(state, policy))
 
     root: Path = state["root"]
     encrypted_file = next(
@@ -375,12 +496,7 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
                     "envelope has neither payload.encrypted, payload.enc nor payload/",
                     code="payload_missing",
                 )
-            if not policy.allow_plain:
-                raise IntegrityError(
-                    "envelope is not encrypted and plain envelopes are not allowed from this "
-                    "sender (set allow_plain = true on the peer to accept them)",
-                    code="plain_not_allowed",
-                )
+            _check_plain_allowed(state["sender"], asserted, policy)
             outcome["files"] = _copy_plain(plain, staging, policy.limits)
             return f"plain payload with {len(outcome['files'])} files (not encrypted)"
 
@@ -424,6 +540,10 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
         sender=sender_result,
         checks=steps.checks,
         files=outcome["files"],
+        manifest_sha256=hashlib.sha256(state["manifest_bytes"]).hexdigest(),
+        container=state["package"].container,
+        parties=state["parties"],
+        jws_key=state.get("jws_key"),
     )
 
 
@@ -433,20 +553,145 @@ def _checked_object(value: Any) -> dict[str, Any]:
     return value
 
 
+def _check_timestamp(text: str, policy: OpenPolicy) -> str:
+    """Reject a signed timestamp older than ``max_age`` or ahead by more than the skew."""
+    now = policy.now or datetime.now(UTC)
+    created = parse_timestamp(text)
+    if policy.max_clock_skew is not None and created - now > policy.max_clock_skew:
+        ahead = (created - now).total_seconds()
+        raise JmixError(
+            f"envelope timestamp {text} is {ahead:.0f} s ahead of this machine's clock, more "
+            f"than the allowed skew of {policy.max_clock_skew.total_seconds():g} s; check that "
+            "both machines keep time with NTP",
+            code="timestamp_in_future",
+        )
+    if policy.max_age is not None and now - created > policy.max_age:
+        age_hours = (now - created).total_seconds() / 3600
+        raise JmixError(
+            f"envelope timestamp {text} is {age_hours:.1f} hours old, more than the allowed "
+            f"{policy.max_age.total_seconds() / 3600:g} hours; the sender must seal the "
+            "study again",
+            code="timestamp_too_old",
+        )
+    return f"timestamp {text} is inside the accepted window"
+
+
 def _verify_sender(manifest: dict[str, Any], policy: OpenPolicy) -> AssertionResult | None:
     try:
-        return verify_assertion(
+        return verify_party(
             manifest,
             "sender",
             manifest["sender"],
             policy.trusted,
-            required_fields(manifest),
-            now=policy.now or datetime.now(UTC),
+            policy.directory_keys,
+            policy.now or datetime.now(UTC),
         )
     except IdentityError:
         if policy.require_sender_identity:
             raise
         return None
+
+
+def _check_requester(state: dict[str, Any], policy: OpenPolicy) -> str:
+    """Verify a requester assertion if there is one, also trusting the sender's own key."""
+    entity = state["manifest"].get("requester")
+    if not has_assertion(entity):
+        return "no requester assertion (optional)"
+    sender: AssertionResult | None = state["sender"]
+    also = {sender.public_key: "signed with the sender's key"} if sender is not None else {}
+    return _verify_other_party(state, policy, "requester", entity, also)
+
+
+def _check_receiver_assertions(state: dict[str, Any], policy: OpenPolicy) -> str:
+    """Verify every receiver assertion that is present."""
+    details = [
+        _verify_other_party(state, policy, f"receiver.{index}", entity, {})
+        for index, entity in enumerate(state["manifest"]["receiver"])
+        if has_assertion(entity)
+    ]
+    return "; ".join(details) or "no receiver assertions (optional)"
+
+
+def _verify_other_party(
+    state: dict[str, Any],
+    policy: OpenPolicy,
+    role: str,
+    entity: Mapping[str, Any],
+    also_trusted: Mapping[bytes, str],
+) -> str:
+    try:
+        result = verify_party(
+            state["manifest"],
+            role,
+            entity,
+            policy.trusted,
+            policy.directory_keys,
+            policy.now or datetime.now(UTC),
+            also_trusted,
+        )
+    except IdentityError as exc:
+        # The same waiver as for the sender: reported, not fatal.
+        if policy.require_sender_identity:
+            raise
+        return f"{role} NOT verified (allowed by option): {exc.message}"
+    state["parties"].append(result)
+    return f"{role} {result.entity_id} verified with {result.fingerprint} ({result.trusted_by})"
+
+
+def _check_jws(state: dict[str, Any], policy: OpenPolicy) -> str:
+    """Verify manifest.jws when present, and require it when the policy does for this sender."""
+    manifest = state["manifest"]
+    root: Path = state["root"]
+    sender: AssertionResult | None = state["sender"]
+    required = policy.require_jws or (
+        sender is not None and sender.entity_id in policy.require_jws_senders
+    )
+    name = jws_reference(manifest)
+    if name is None and os.path.lexists(root / DEFAULT_JWS_FILE):
+        name = DEFAULT_JWS_FILE  # jmix-rs writes the file without naming it in the manifest
+    if name is None:
+        if required:
+            raise JwsError(
+                "the envelope has no manifest.jws, but the config requires one from this "
+                "sender (require_jws = true); ask the sender to enable jws",
+                code="jws_missing",
+            )
+        return "no manifest.jws (optional)"
+
+    # The JWS must come from the sender, so only its verified key and its pinned keys count.
+    pinned = list(policy.trusted.by_entity.get(manifest["sender"]["id"], ()))
+    keys = [sender.public_key, *pinned] if sender is not None else pinned
+    if not keys:
+        if required:
+            raise JwsError(
+                f"{name} cannot be verified: no trusted key for the sender", code="jws_missing"
+            )
+        return f"{name} present but NOT verified (no trusted key for the sender)"
+    verified = verify_manifest_jws(root, name, state["manifest_bytes"], keys)
+    state["jws_key"] = verified.key_fingerprint
+    form = "detached" if verified.detached else "attached"
+    return f"{name} ({form}) verified over manifest.json with {verified.key_fingerprint}"
+
+
+def _check_plain_allowed(
+    sender: AssertionResult | None, asserted_hash: str | None, policy: OpenPolicy
+) -> None:
+    """Reject a plain envelope unless the policy allows one from this verified sender."""
+    if policy.allow_plain:
+        return
+    if sender is None or sender.entity_id not in policy.allow_plain_senders:
+        raise IntegrityError(
+            "envelope is not encrypted and plain envelopes are not allowed from this "
+            "sender (set allow_plain = true on the peer to accept them)",
+            code="plain_not_allowed",
+        )
+    if asserted_hash is None:
+        # Without a payload hash nothing ties a plain payload to the signed manifest.
+        raise IntegrityError(
+            "plain envelope asserts no payload_hash, so its payload is not bound to the "
+            "sender's signature; ask the sender to include security.payload_hash",
+            code="payload_hash_missing",
+        )
 
 
 def _decrypt_any(
@@ -475,6 +720,12 @@ def _decrypt_any(
                     if exc.code == "payload_too_large":
                         raise
                     continue
+                except ValueError as exc:
+                    # X25519 raises for a low-order ephemeral key (an all-zero shared secret).
+                    raise IntegrityError(
+                        "security.encryption.ephemeral_public_key is not a usable X25519 key",
+                        code="ephemeral_key_invalid",
+                    ) from exc
             return info, result.plaintext_sha256
     with contextlib.suppress(FileNotFoundError):
         tar_path.unlink()

@@ -1,9 +1,10 @@
-"""Sealing: build an encrypted, signed JMIX envelope folder from payload files.
+"""Sealing: build an encrypted, signed JMIX envelope (a folder or a zip) from payload files.
 
 The payload tar is generated in stream mode straight into the AES-GCM encryptor, so no
-plaintext copy of the study is written and memory stays bounded. The envelope is built
-under a hidden temporary name beside its destination and renamed into place only when
-every file is on disk.
+plaintext copy of the study is written and memory stays bounded. The envelope folder is
+built under a hidden temporary name beside its destination. Once every file is on disk it
+is renamed into place, or, for the zip format, packed into a zip that is itself written
+under a hidden name and then renamed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent import fsutil
 from agent.jmix.assertion import sign_assertion
+from agent.jmix.container import write_zip
 from agent.jmix.crypto import StreamEncryptor
+from agent.jmix.jws import DEFAULT_JWS_FILE, sign_compact
 from agent.jmix.keys import b64encode
 from agent.jmix.profiles import SPEC, HashRule, Profile
+from agent.jmix.schema import require_valid
 from agent.jmix.timeutil import format_timestamp, utc_now
 
 JMIX_VERSION = "1.0"
@@ -57,6 +61,14 @@ class Party:
     def entity(self) -> dict[str, Any]:
         """Return the manifest entity object (``contact`` is always written: jmix-rs needs it)."""
         return {"id": self.id, "name": self.name, "contact": self.contact}
+
+
+@dataclass(frozen=True)
+class Requester:
+    """The party on whose behalf an envelope is sent, and the key that signs its assertion."""
+
+    party: Party
+    signing_key: Ed25519PrivateKey
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,7 @@ def _write_payload(
                 "size_bytes": len(metadata_bytes),
             }
         )
+        require_valid("files.json", listing)
         files_bytes = _json_bytes(listing)
         for name, data in (("files.json", files_bytes), ("metadata.json", metadata_bytes)):
             walk.update(name.encode("utf-8") + b"\n" + data)
@@ -201,6 +214,9 @@ def _payload_hash(profile: Profile, digests: _PayloadDigests) -> str:
     raise ValueError(f"profile {profile.name} uses a plain-envelope hash rule")
 
 
+ENVELOPE_FORMATS = ("folder", "zip")
+
+
 def seal_envelope(
     files: Sequence[PayloadFile],
     metadata: Mapping[str, Any],
@@ -215,29 +231,50 @@ def seal_envelope(
     classification: str = "confidential",
     assertion_lifetime: timedelta | None = DEFAULT_ASSERTION_LIFETIME,
     now: datetime | None = None,
+    envelope_format: str = "folder",
+    jws: bool = False,
+    requester: Requester | None = None,
+    attestation: Mapping[str, Any] | None = None,
 ) -> SealResult:
-    """Seal ``files`` for one receiver into ``destination/<id><suffix>``.
+    """Seal ``files`` for one receiver into ``destination/<id><suffix>`` or ``<id>.zip``.
 
-    ``metadata`` holds the metadata.json content besides version, id and timestamp
-    (``patient`` is required by the schema, ``studies`` describes the DICOM). Raises
-    FileExistsError if an envelope with that id is already there, ValueError for bad
-    arguments and OSError for I/O failures; nothing is left behind on failure.
+    ``metadata`` contains the metadata.json content besides version, id and timestamp
+    (``patient`` is required by the schema, ``studies`` describes the DICOM).
+    ``envelope_format`` is ``folder`` or ``zip`` (one file, see :mod:`agent.jmix.container`).
+    With ``jws`` the envelope also carries ``manifest.jws``, signed by ``signing_key`` over
+    the exact manifest bytes. With ``requester`` the manifest names that party and
+    carries its assertion. ``attestation`` is a directory's ``directory_attestation``
+    for our signing key, copied into the sender's assertion for receivers in directory
+    mode.
+
+    Every JSON document is checked against the spec's rules before anything is
+    published. Raises FileExistsError if an envelope with that id is already there,
+    ValueError for bad arguments, EnvelopeFormatError (``schema_invalid``) for a
+    document that breaks the spec's rules, and OSError for I/O failures; nothing is left
+    behind on failure.
     """
+    if envelope_format not in ENVELOPE_FORMATS:
+        raise ValueError(
+            f"unknown envelope format {envelope_format!r}; use one of: "
+            f"{', '.join(ENVELOPE_FORMATS)}"
+        )
     identifier = str(envelope_id or uuid.uuid4())
     moment = now or utc_now()
     timestamp = format_timestamp(moment)
     ordered = _check_arcnames(files)
 
-    final = destination / f"{identifier}{profile.folder_suffix}"
+    folder_name = f"{identifier}{profile.folder_suffix}"
+    final = destination / (f"{identifier}.zip" if envelope_format == "zip" else folder_name)
     if final.exists():
         raise FileExistsError(f"envelope {final} already exists")
-    work = destination / f"{fsutil.TEMP_PREFIX}{identifier}{profile.folder_suffix}"
+    work = destination / f"{fsutil.TEMP_PREFIX}{folder_name}"
     fsutil.remove_tree(work)
     work.mkdir(mode=0o700, parents=True)
     try:
         # 1. The encrypted payload: metadata, file list and DICOM in one streamed tar.
         metadata_document = {"version": JMIX_VERSION, "id": identifier, "timestamp": timestamp}
         metadata_document.update(metadata)
+        require_valid("metadata.json", metadata_document)
         with fsutil.atomic_writer(work / profile.encrypted_file) as sink:
             digests, encryption = _write_payload(
                 sink,
@@ -248,7 +285,7 @@ def seal_envelope(
                 int(moment.timestamp()),
             )
 
-        # 2. The manifest, signed by the sender over everything that identifies it.
+        # 2. The manifest, signed by the sender (and the requester) over what identifies it.
         manifest: dict[str, Any] = {
             "version": JMIX_VERSION,
             "id": identifier,
@@ -261,10 +298,22 @@ def seal_envelope(
                 "encryption": encryption,
             },
         }
-        signed = [*SENDER_SIGNED_FIELDS, "receiver.0.id", "receiver.0.name", "security.encryption"]
+        if requester is not None:
+            manifest["requester"] = requester.party.entity()
+        if jws:
+            # The reference goes in before the manifest is serialised, because the JWS
+            # signs the final manifest bytes, reference included.
+            manifest["security"]["jws"] = {"jws_file": DEFAULT_JWS_FILE}
         expires = format_timestamp(moment + assertion_lifetime) if assertion_lifetime else None
-        manifest["sender"]["assertion"] = sign_assertion(manifest, signing_key, signed, expires)
-        fsutil.write_bytes_durably(work / "manifest.json", _json_bytes(manifest))
+        _sign_parties(manifest, signing_key, requester, expires)
+        if attestation is not None:
+            manifest["sender"]["assertion"]["directory_attestation"] = dict(attestation)
+        manifest_bytes = _json_bytes(manifest)
+        require_valid("manifest.json", manifest)
+        fsutil.write_bytes_durably(work / "manifest.json", manifest_bytes)
+        if jws:
+            token = sign_compact(manifest_bytes, signing_key)
+            fsutil.write_bytes_durably(work / DEFAULT_JWS_FILE, token.encode("ascii"))
 
         # 3. The transit audit trail starts with its creation.
         audit = {
@@ -276,14 +325,46 @@ def seal_envelope(
                 }
             ]
         }
+        require_valid("audit.json", audit)
         fsutil.write_bytes_durably(work / "audit.json", _json_bytes(audit))
 
-        # 4. Publish in one rename.
+        # 4. Publish: one rename of the folder, or one zip written beside it.
         fsutil.fsync_dir(work)
-        fsutil.rename_durably(work, final)
+        if envelope_format == "zip":
+            write_zip(work, final, moment)
+            fsutil.remove_tree(work)
+        else:
+            fsutil.rename_durably(work, final)
     except BaseException:
         fsutil.remove_tree(work)
         raise
     return SealResult(
         final, identifier, manifest["security"]["payload_hash"], len(ordered), digests.size
     )
+
+
+def _sign_parties(
+    manifest: dict[str, Any],
+    signing_key: Ed25519PrivateKey,
+    requester: Requester | None,
+    expires: str | None,
+) -> None:
+    """Add the sender's assertion, and the requester's when there is one."""
+    bound = ["receiver.0.id", "receiver.0.name", "security.encryption"]
+    if requester is not None:
+        requester_fields = [
+            "version",
+            "id",
+            "timestamp",
+            "sender.id",
+            "requester.id",
+            "requester.name",
+            "security.payload_hash",
+            *bound,
+        ]
+        manifest["requester"]["assertion"] = sign_assertion(
+            manifest, requester.signing_key, requester_fields, expires
+        )
+        bound.append("requester.id")
+    signed = [*SENDER_SIGNED_FIELDS, *bound]
+    manifest["sender"]["assertion"] = sign_assertion(manifest, signing_key, signed, expires)

@@ -17,6 +17,10 @@ from agent.jmix.errors import UnsafeArchiveError
 
 CHUNK = 1024 * 1024
 PLACEHOLDER = ".jmix-empty"
+# Linux NAME_MAX, and a bound on whole names well inside PATH_MAX (4096) once the staging
+# folder is prepended, so a long name is rejected here instead of failing in open(2).
+MAX_NAME_COMPONENT_BYTES = 255
+MAX_NAME_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,15 @@ def safe_member_name(name: str) -> str:
     if any(part == ".." for part in parts):
         raise UnsafeArchiveError(
             f"archive member {name!r} climbs out with '..'", code="unsafe_path"
+        )
+    encoded = [part.encode("utf-8", "surrogateescape") for part in parts]
+    if sum(len(part) + 1 for part in encoded) > MAX_NAME_BYTES or any(
+        len(part) > MAX_NAME_COMPONENT_BYTES for part in encoded
+    ):
+        raise UnsafeArchiveError(
+            f"archive member name {name[:60]!r}... is too long (at most "
+            f"{MAX_NAME_COMPONENT_BYTES} bytes per part and {MAX_NAME_BYTES} in all)",
+            code="unsafe_path",
         )
     if not parts:
         return ""
@@ -82,10 +95,13 @@ def _check_type(member: tarfile.TarInfo) -> None:
     )
 
 
-def extract_tar(archive: Path, destination: Path, limits: ArchiveLimits) -> list[ExtractedFile]:
+def extract_tar(
+    archive: Path, destination: Path, limits: ArchiveLimits, what: str = "payload"
+) -> list[ExtractedFile]:
     """Extract ``archive`` (tar, optionally gzip) into the empty folder ``destination``.
 
-    Returns the regular files written. On error the caller discards ``destination``.
+    Returns the regular files written; ``what`` names the archive in error messages. On
+    error the caller discards ``destination``.
     """
     compressed_size = max(archive.stat().st_size, 1)
     with archive.open("rb") as raw:
@@ -98,7 +114,7 @@ def extract_tar(archive: Path, destination: Path, limits: ArchiveLimits) -> list
         handle = tarfile.open(archive, mode="r|gz" if gzip else "r|")
     except tarfile.TarError as exc:
         raise UnsafeArchiveError(
-            f"payload is not a readable tar: {exc}", code="archive_invalid"
+            f"{what} is not a readable tar: {exc}", code="archive_invalid"
         ) from exc
     with handle:
         try:
@@ -120,7 +136,7 @@ def extract_tar(archive: Path, destination: Path, limits: ArchiveLimits) -> list
                 seen.add(name)
                 target = destination / name
                 if member.isdir():
-                    _make_dirs(destination, target)
+                    make_dirs(destination, target)
                     continue
                 if member.size > limits.max_file_bytes:
                     raise UnsafeArchiveError(
@@ -128,13 +144,13 @@ def extract_tar(archive: Path, destination: Path, limits: ArchiveLimits) -> list
                         f"{limits.max_file_bytes}",
                         code="archive_too_large",
                     )
-                _make_dirs(destination, target.parent)
+                make_dirs(destination, target.parent)
                 source = handle.extractfile(member)
                 if source is None:
                     raise UnsafeArchiveError(
                         f"archive member {name!r} has no data", code="archive_invalid"
                     )
-                written = _write_member(
+                written = write_member(
                     source, target, limits, total, compressed_size if gzip else None
                 )
                 total += written
@@ -144,14 +160,14 @@ def extract_tar(archive: Path, destination: Path, limits: ArchiveLimits) -> list
                 files.append(ExtractedFile(name, written))
         except tarfile.TarError as exc:
             raise UnsafeArchiveError(
-                f"payload tar is corrupt: {exc}", code="archive_invalid"
+                f"{what} tar is corrupt: {exc}", code="archive_invalid"
             ) from exc
         except EOFError as exc:
-            raise UnsafeArchiveError("payload tar is truncated", code="archive_invalid") from exc
+            raise UnsafeArchiveError(f"{what} tar is truncated", code="archive_invalid") from exc
     return files
 
 
-def _make_dirs(root: Path, directory: Path) -> None:
+def make_dirs(root: Path, directory: Path) -> None:
     """Create ``directory`` below ``root``, refusing to pass through anything but folders."""
     relative = directory.relative_to(root)
     current = root
@@ -165,9 +181,14 @@ def _make_dirs(root: Path, directory: Path) -> None:
             current.mkdir(mode=0o700)
 
 
-def _write_member(
+def write_member(
     source: object, target: Path, limits: ArchiveLimits, total_before: int, compressed: int | None
 ) -> int:
+    """Copy one member's bytes from ``source`` into the new file ``target``; return its size.
+
+    The per-file, total and (with ``compressed``, the archive's size) ratio limits are
+    checked after every chunk, so a bomb stops before it fills the disk.
+    """
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:

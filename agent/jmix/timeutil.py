@@ -20,4 +20,8 @@ def parse_timestamp(text: str) -> datetime:
     value = datetime.fromisoformat(text.strip().replace("z", "Z"))
     if value.tzinfo is None:
         raise ValueError(f"timestamp {text!r} has no time zone offset")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # Year 1 with a positive offset, or year 9999 with a negative one.
+        raise ValueError(f"timestamp {text!r} is out of range in UTC") from None
