@@ -35,7 +35,10 @@ def check_private_file(path: Path) -> None:
             f"private key {path} not found; create it with `jmix-agent keygen`"
         ) from None
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"private key {path} is not a regular file")
+        raise KeyFileError(
+            f"private key {path} is not a regular file (a symbolic link or a special file); "
+            "set the config to the key file itself, owned by this user with mode 0600"
+        )
     if info.st_uid != os.geteuid():
         raise KeyFileError(
             f"private key {path} is owned by uid {info.st_uid}, not by this user "

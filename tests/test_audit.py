@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit import GENESIS, AuditLog, verify_log
+from agent.audit import GENESIS, AuditLog, head_path, verify_log
 from agent.cli import main
 
 RECORDS = 4
@@ -246,3 +246,73 @@ def test_cli_truncated_exits_1(log_path: Path, capsys: pytest.CaptureFixture[str
 def test_cli_missing_log_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["audit", "verify", str(tmp_path / "absent.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# -- more kinds of tampering ---------------------------------------------------------------
+
+
+def test_removed_first_record_detected(log_path: Path) -> None:
+    write_lines(log_path, lines_of(log_path)[1:])
+
+    report = verify_log(log_path)
+
+    assert not report.ok
+    assert report.first_bad_line == 1
+    assert report.records == 0
+
+
+def test_duplicated_record_detected(log_path: Path) -> None:
+    lines = lines_of(log_path)
+    lines.insert(2, lines[1])
+    write_lines(log_path, lines)
+
+    report = verify_log(log_path)
+
+    assert not report.ok
+    assert report.first_bad_line == 3
+
+
+def test_emptied_log_detected(log_path: Path) -> None:
+    log_path.write_bytes(b"")
+
+    report = verify_log(log_path)
+
+    assert not report.ok
+    assert report.first_bad_line == 1
+    assert report.problem == f"records 1 to {RECORDS} are missing: the log was truncated"
+
+
+def test_unreadable_head_detected(log_path: Path) -> None:
+    head_path(log_path).write_text("not json")
+
+    report = verify_log(log_path)
+
+    assert not report.ok
+    assert report.problem is not None
+    assert "audit.jsonl.head is unreadable" in report.problem
+
+
+def test_cli_removed_exits_1(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = lines_of(log_path)
+    del lines[1]
+    write_lines(log_path, lines)
+
+    assert main(["audit", "verify", str(log_path)]) == 1
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_cli_reordered_exits_1(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = lines_of(log_path)
+    lines[1], lines[2] = lines[2], lines[1]
+    write_lines(log_path, lines)
+
+    assert main(["audit", "verify", str(log_path)]) == 1
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_cli_cut_records_exits_1(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Whole records cut from the end leave a valid chain; the head sidecar catches it."""
+    write_lines(log_path, lines_of(log_path)[:2])
+
+    assert main(["audit", "verify", str(log_path)]) == 1
+    assert f"line 3: records 3 to {RECORDS} are missing" in capsys.readouterr().err
