@@ -382,3 +382,12 @@ def test_rfc8037_example_verifies() -> None:
     verified = verify_compact(token, [public])
     assert verified.payload == b"Example of Ed25519 signing"
     Ed25519PublicKey.from_public_bytes(public)
+
+
+def test_deeply_nested_header_is_malformed() -> None:
+    # Deep enough for json.loads to hit the recursion limit, small enough for the size cap.
+    nested = b"[" * 2500 + b"]" * 2500
+    token = f"{b64url_encode(nested)}.{b64url_encode(b'{}')}.{b64url_encode(bytes(64))}"
+    with pytest.raises(JwsError) as caught:
+        verify_compact(token, [])
+    assert caught.value.code == "jws_malformed"

@@ -139,7 +139,7 @@ def verify_attestation(
         )
     try:
         claims = json.loads(verified.payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise _fail(role, "attestation_invalid", "the JWS payload is not JSON") from exc
     if not isinstance(claims, dict):
         raise _fail(role, "attestation_invalid", "the JWS payload is not a JSON object")

@@ -96,7 +96,8 @@ def _parse_header(encoded: str) -> dict[str, Any]:
         raise JwsError("JWS header is too large", code="jws_malformed")
     try:
         header = json.loads(b64url_decode(encoded, "JWS header"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: a deeply nested header, which json.loads cannot parse.
         raise JwsError("JWS header is not JSON", code="jws_malformed") from exc
     if not isinstance(header, dict):
         raise JwsError("JWS header is not a JSON object", code="jws_malformed")
