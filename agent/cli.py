@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,16 +24,18 @@ from agent.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from agent.identity import KeyFileError, card_toml, generate_keys, load_identity
 from agent.jmix import keys
 from agent.jmix.assertion import TrustedKeys
+from agent.jmix.container import peek_container
 from agent.jmix.errors import JmixError
 from agent.jmix.profiles import PROFILES, get_profile
 from agent.jmix.reader import (
+    MAX_MANIFEST_BYTES,
     EnvelopeRejected,
     OpenPolicy,
     find_package_root,
     normalise_manifest,
     open_envelope,
 )
-from agent.jmix.seal import Party, PayloadFile, seal_envelope
+from agent.jmix.seal import ENVELOPE_FORMATS, Party, PayloadFile, Requester, seal_envelope
 
 PROG = "jmix-agent"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -77,6 +80,9 @@ def _setup_logging(level: str, verbose: int) -> None:
     package = logging.getLogger("agent")
     package.handlers[:] = [handler]
     package.setLevel(chosen)
+    # pydicom reports odd values as UserWarnings whose text can hold UIDs, file paths or
+    # patient attributes; the agent's own checks report what matters without values.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
     # pynetdicom logs identifiers from datasets at INFO; keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("paramiko").setLevel(logging.WARNING)
@@ -155,6 +161,9 @@ def cmd_seal(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder of DICOM files")
     profile = get_profile(args.profile) if args.profile else None
+    envelope_format: str | None = args.format
+    with_jws: bool = args.jws
+    requester: Requester | None = None
     if args.recipient:
         recipient = _key_arg(args.recipient, keys.load_encryption_public, "recipient key")
         if not args.signing_key:
@@ -177,6 +186,11 @@ def cmd_seal(args: argparse.Namespace) -> int:
         sender = Party(identity.id, identity.name, identity.contact)
         receiver = Party(peer.id, peer.name, peer.contact)
         profile = profile or get_profile(peer.profile)
+        envelope_format = envelope_format or peer.envelope_format
+        with_jws = with_jws or peer.jws
+        if config.identity.requester_id:
+            requester_name = config.identity.requester_name or config.identity.requester_id
+            requester = Requester(Party(config.identity.requester_id, requester_name), signing)
     else:
         raise UsageError("give --to PEER (with a config) or --recipient KEY --signing-key KEY")
 
@@ -210,6 +224,9 @@ def cmd_seal(args: argparse.Namespace) -> int:
         receiver,
         recipient,
         profile=profile or get_profile("spec"),
+        envelope_format=envelope_format or "folder",
+        jws=with_jws,
+        requester=requester,
     )
     if args.json:
         print(
@@ -238,12 +255,18 @@ def _open_policy(args: argparse.Namespace) -> OpenPolicy:
             for t in args.trust or []
         ]
         policy_trust = TrustedKeys(_AnyEntity(pinned) if pinned else trusted)
+        directory = [
+            keys.raw_public(_key_arg(d, keys.load_signing_public, "directory key"))
+            for d in args.directory_key or []
+        ]
         return OpenPolicy(
             recipient_keys=recipient_keys,
             trusted=policy_trust,
             require_sender_identity=not args.allow_untrusted_sender,
             allow_plain=True,
             require_name_match=False,
+            require_jws=args.require_jws,
+            directory_keys=tuple(directory),
         )
     config = _load(args)
     try:
@@ -260,6 +283,11 @@ def _open_policy(args: argparse.Namespace) -> OpenPolicy:
         require_sender_identity=not args.allow_untrusted_sender,
         allow_plain=True,
         require_name_match=False,
+        require_jws=args.require_jws,
+        require_jws_senders=frozenset(peer.id for peer in config.peers if peer.require_jws),
+        directory_keys=(
+            (config.inbound.directory_public_key,) if config.inbound.directory_public_key else ()
+        ),
     )
 
 
@@ -302,6 +330,12 @@ def _run_open(args: argparse.Namespace, keep: Path | None) -> int:
                 "sender_verified": not unverified,
                 "hkdf_dialect": opened.hkdf_dialect,
                 "hash_rule": opened.hash_rule,
+                "container": opened.container,
+                "jws_key": opened.jws_key,
+                "verified_parties": [
+                    {"role": party.role, "id": party.entity_id, "key": party.fingerprint}
+                    for party in opened.parties
+                ],
                 "files": opened.files,
                 "output": str(keep) if write else None,
             },
@@ -377,9 +411,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    envelope = Path(args.envelope)
     try:
-        root = find_package_root(Path(args.envelope))
-        manifest = normalise_manifest(json.loads((root / "manifest.json").read_bytes()))
+        if envelope.is_file() and not envelope.is_symlink():
+            # A container is read in place, because inspect needs no key and writes nothing.
+            listing = peek_container(envelope, MAX_MANIFEST_BYTES)
+            raw, names = listing.manifest, listing.root_names
+        else:
+            root = find_package_root(envelope)
+            raw = (root / "manifest.json").read_bytes()
+            names = sorted(path.name for path in root.iterdir())
+        manifest = normalise_manifest(json.loads(raw))
     except (OSError, ValueError, JmixError) as exc:
         raise Failure(f"{args.envelope}: cannot read manifest.json: {exc}") from None
     security = manifest.get("security") or {}
@@ -393,7 +435,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "payload_hash": security.get("payload_hash"),
         "encrypted": "encryption" in security,
         "sender_assertion": "assertion" in (manifest.get("sender") or {}),
-        "files": sorted(p.name for p in root.iterdir()),
+        "requester": (manifest.get("requester") or {}).get("id"),
+        "jws": (security.get("jws") or {}).get("jws_file") or (
+            "manifest.jws" if "manifest.jws" in names else None
+        ),
+        "files": names,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -418,6 +464,80 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         f"records before line {report.first_bad_line} are intact",
     )
     return EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.pipeline.status import collect_status, format_status
+
+    config = _load(args)
+    if not config.state_dir.is_dir():
+        raise UsageError(f"state folder {config.state_dir} does not exist; has the agent run?")
+    try:
+        status = collect_status(config)
+    except PermissionError as exc:
+        raise UsageError(
+            f"cannot read {exc.filename}: permission denied; run this as the service user "
+            "(sudo -u jmix-agent jmix-agent status) or as root"
+        ) from None
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status), end="")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    import time
+    import uuid
+
+    from agent.pipeline.delivery import retry_envelopes, safe_dir_name
+
+    chosen = [bool(args.envelope_id), bool(args.peer), bool(args.all)]
+    if sum(chosen) != 1:
+        raise UsageError("give exactly one of ENVELOPE_ID, --peer ID or --all")
+    config = _load(args)
+    state = config.state_dir
+    if not state.is_dir():
+        raise UsageError(f"state folder {state} does not exist; has the agent run?")
+    if os.geteuid() != state.stat().st_uid:
+        # Files this command writes must stay readable and movable by the daemon.
+        raise UsageError(
+            f"run this as the owner of {state} (uid {state.stat().st_uid}), "
+            "for example: sudo -u jmix-agent jmix-agent retry ..."
+        )
+    envelope_id = None
+    if args.envelope_id:
+        try:
+            envelope_id = str(uuid.UUID(args.envelope_id))
+        except ValueError:
+            raise UsageError(f"{args.envelope_id!r} is not an envelope id (a UUID)") from None
+    peer_dir = safe_dir_name(args.peer) if args.peer else None
+    if peer_dir and args.peer not in {peer.id for peer in config.peers}:
+        if not any((state / where / peer_dir).is_dir() for where in ("outbox", "failed")):
+            raise Failure(f"no peer {args.peer!r} in {config.source} and nothing queued for it")
+
+    outcome = retry_envelopes(state, envelope_id=envelope_id, peer_dir=peer_dir, now=time.time())
+    if envelope_id and not outcome.requeued and not outcome.waiting:
+        raise Failure(f"no failed or queued envelope {envelope_id}; `{PROG} status` lists them")
+    if args.json:
+        document = {
+            "requeued": [{"peer": peer, "envelope": name} for peer, name in outcome.requeued],
+            "queued": [{"peer": peer, "envelope": name} for peer, name in outcome.waiting],
+            "peers": outcome.peers,
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    for peer, name in outcome.requeued:
+        print(f"moved {name} for {peer} from failed/ back to the outbox")
+    if outcome.peers:
+        print(
+            f"asked the sender of {', '.join(outcome.peers)} to retry now "
+            f"({len(outcome.waiting)} envelopes were already queued); a running agent "
+            "picks this up within its poll interval, a stopped one when it starts"
+        )
+    else:
+        print("nothing to retry")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -468,6 +588,14 @@ def build_parser() -> argparse.ArgumentParser:
     seal.add_argument("--sender-name", help="sender name without config")
     seal.add_argument("--receiver-id", default="recipient", help="receiver id without config")
     seal.add_argument("--profile", choices=sorted(PROFILES), help="envelope dialect")
+    seal.add_argument(
+        "--format",
+        choices=ENVELOPE_FORMATS,
+        help="write a folder or one .zip file (default: the peer's envelope_format, or folder)",
+    )
+    seal.add_argument(
+        "--jws", action="store_true", help="also write manifest.jws (EdDSA over manifest.json)"
+    )
     seal.add_argument("--json", action="store_true")
     seal.set_defaults(func=cmd_seal)
 
@@ -483,6 +611,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--key", action="append", help="our X25519 private key (file or base64), no config"
         )
         sub.add_argument("--trust", action="append", help="sender Ed25519 public key to trust")
+        sub.add_argument(
+            "--directory-key",
+            action="append",
+            help="directory Ed25519 public key whose attestations make a sender trusted",
+        )
+        sub.add_argument(
+            "--require-jws", action="store_true", help="fail when the envelope has no manifest.jws"
+        )
         sub.add_argument(
             "--allow-untrusted-sender",
             action="store_true",
@@ -503,6 +639,21 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify = audit_commands.add_parser("verify", help="check the audit log's hash chain")
     audit_verify.add_argument("path", nargs="?", help="audit log (default: from config)")
     audit_verify.set_defaults(func=cmd_audit_verify)
+
+    status = commands.add_parser(
+        "status", help="show counts per state and per peer, and what is stuck"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.set_defaults(func=cmd_status)
+
+    retry = commands.add_parser(
+        "retry", help="send failed envelopes again, or end a peer's backoff or pause"
+    )
+    retry.add_argument("envelope_id", nargs="?", metavar="ENVELOPE_ID", help="one envelope")
+    retry.add_argument("--peer", metavar="ID", help="every failed or queued envelope of a peer")
+    retry.add_argument("--all", action="store_true", help="every failed or queued envelope")
+    retry.add_argument("--json", action="store_true", help="print JSON for scripts")
+    retry.set_defaults(func=cmd_retry)
 
     demo = commands.add_parser("demo", help="send a real study between two local agents")
     demo.add_argument("--workdir", help="folder for the demo (default: a new temporary one)")

@@ -28,6 +28,7 @@ from agent.jmix.keys import (
     raw_public,
 )
 from agent.jmix.profiles import PROFILES
+from agent.jmix.seal import ENVELOPE_FORMATS
 
 DEFAULT_CONFIG = Path("/etc/jmix-agent/agent.toml")
 AE_TITLE = re.compile(r"[\x20-\x7e]{1,16}")
@@ -48,6 +49,9 @@ class IdentityConfig:
     signing_key: Path
     encryption_key: Path
     previous_encryption_keys: tuple[Path, ...] = ()
+    requester_id: str | None = None
+    """Party named as ``requester`` in every envelope we seal, with an assertion we sign."""
+    requester_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,12 @@ class PeerConfig:
     profile: str = "spec"
     allow_plain: bool = False
     contact: str = ""
+    envelope_format: str = "folder"
+    """Envelope form for this peer: ``folder``, or ``zip`` for one file."""
+    jws: bool = False
+    """Whether envelopes for this peer carry ``manifest.jws``."""
+    require_jws: bool = False
+    """Whether envelopes from this peer without ``manifest.jws`` are rejected."""
 
     @property
     def encryption_public_key(self) -> X25519PublicKey:
@@ -143,7 +153,32 @@ class InboundConfig:
     import_dir: Path
     quarantine_dir: Path
     settle_seconds: float = 2.0
+    stale_upload_seconds: float = 3600.0
+    """Age after which an unchanged hidden partial upload in the inbox is deleted."""
     revoked_fingerprints: tuple[str, ...] = ()
+    max_envelope_bytes: int = 64 * 1024**3
+    """Largest decrypted payload, and largest total of unpacked files, in bytes."""
+    max_members: int = 100_000
+    max_expansion_ratio: float = 200.0
+    """Largest unpacked/packed size ratio of a gzip-compressed payload tar."""
+    max_envelope_age_hours: float = 720.0
+    max_clock_skew_seconds: float = 300.0
+    directory_public_key: bytes | None = None
+    """Pinned Ed25519 key of a directory that may vouch for senders not in [[peers]]."""
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Retry schedule, maximum age and retention of outbound envelopes."""
+
+    retry_initial_seconds: float = 5.0
+    retry_max_seconds: float = 900.0
+    max_age_hours: float = 72.0
+    """Age after which an undelivered envelope moves to failed/<peer>/."""
+    paused_retry_seconds: float = 3600.0
+    """Pause of a peer after a permanent error (host key, client key)."""
+    retention_hours: float = 168.0
+    """Time that sealed and sent data is kept after every routed peer has it."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +199,7 @@ class Config:
     log_level: str = "INFO"
     poll_interval: float = 1.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
     def peer(self, peer_id: str) -> PeerConfig:
         """Return the peer with this id or raise KeyError."""
@@ -399,6 +435,12 @@ def _peer(reader: _Reader) -> PeerConfig:
     profile = reader.text("profile", "spec")
     if profile not in PROFILES:
         raise reader.fail("profile", f"must be one of {', '.join(PROFILES)}, got {profile!r}")
+    envelope_format = reader.text("envelope_format", "folder")
+    if envelope_format not in ENVELOPE_FORMATS:
+        raise reader.fail(
+            "envelope_format",
+            f"must be one of {', '.join(ENVELOPE_FORMATS)}, got {envelope_format!r}",
+        )
     peer = PeerConfig(
         id=identifier,
         name=reader.text("name", identifier),
@@ -408,6 +450,9 @@ def _peer(reader: _Reader) -> PeerConfig:
         profile=profile,
         allow_plain=reader.get("allow_plain", bool, False),
         contact=reader.text("contact", ""),
+        envelope_format=envelope_format,
+        jws=reader.get("jws", bool, False),
+        require_jws=reader.get("require_jws", bool, False),
     )
     reader.finish()
     return peer
@@ -465,6 +510,8 @@ def parse_config(text: str, source: Path) -> Config:
             loader.resolve(Path(item))
             for item in identity_table.strings("previous_encryption_keys")
         ),
+        requester_id=identity_table.text("requester_id", None, PEER_ID),
+        requester_name=identity_table.text("requester_name", ""),
     )
     identity_table.finish()
 
@@ -525,15 +572,41 @@ def parse_config(text: str, source: Path) -> Config:
             normalise_fingerprint(value)
         except KeyFormatError as exc:
             raise inbound_table.fail("revoked_fingerprints", str(exc)) from None
+    directory_text = inbound_table.text("directory_public_key", None)
+    directory_key = (
+        _public_key(inbound_table, "directory_public_key", True, directory_text)
+        if directory_text is not None
+        else None
+    )
     inbound = InboundConfig(
         enabled=inbound_table.get("enabled", bool, True),
         inbox=inbound_table.path("inbox", str(state_dir / "inbox")),
         import_dir=inbound_table.path("import_dir", str(state_dir / "import")),
         quarantine_dir=inbound_table.path("quarantine_dir", str(state_dir / "quarantine")),
         settle_seconds=inbound_table.number("settle_seconds", 2.0, 0.0, 3600.0),
+        stale_upload_seconds=inbound_table.number("stale_upload_seconds", 3600.0, 1.0, 10**7),
         revoked_fingerprints=tuple(normalise_fingerprint(value) for value in revoked),
+        directory_public_key=directory_key,
+        max_envelope_bytes=inbound_table.integer(
+            "max_envelope_bytes", 64 * 1024**3, 1024 * 1024, 2**50
+        ),
+        max_members=inbound_table.integer("max_members", 100_000, 1, 10_000_000),
+        max_expansion_ratio=inbound_table.number("max_expansion_ratio", 200.0, 1.0, 1e6),
+        max_envelope_age_hours=inbound_table.number("max_envelope_age_hours", 720.0, 1.0, 87600.0),
+        max_clock_skew_seconds=inbound_table.number("max_clock_skew_seconds", 300.0, 0.0, 86400.0),
     )
     inbound_table.finish()
+
+    delivery_table = root.table("delivery") or _Reader(loader, {}, "delivery")
+    retry_initial = delivery_table.number("retry_initial_seconds", 5.0, 0.1, 86400.0)
+    delivery = DeliveryConfig(
+        retry_initial_seconds=retry_initial,
+        retry_max_seconds=delivery_table.number("retry_max_seconds", 900.0, retry_initial, 86400.0),
+        max_age_hours=delivery_table.number("max_age_hours", 72.0, 0.0001, 87600.0),
+        paused_retry_seconds=delivery_table.number("paused_retry_seconds", 3600.0, 1.0, 10**7),
+        retention_hours=delivery_table.number("retention_hours", 168.0, 0.0, 87600.0),
+    )
+    delivery_table.finish()
 
     audit_table = root.table("audit") or _Reader(loader, {}, "audit")
     audit_path = audit_table.path("path", str(state_dir / "audit.jsonl"))
@@ -554,6 +627,7 @@ def parse_config(text: str, source: Path) -> Config:
         audit_path=audit_path,
         log_level=log_level,
         poll_interval=poll,
+        delivery=delivery,
     )
 
 

@@ -18,18 +18,32 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from agent import fsutil
 from agent.audit import AuditSink
 from agent.config import Config
+from agent.dicom.inspect import (
+    InvalidInstanceError,
+    disable_pydicom_value_validation,
+    read_instance_info,
+)
 from agent.identity import LocalIdentity
 from agent.jmix.assertion import TrustedKeys
 from agent.jmix.errors import JmixError
-from agent.jmix.reader import EnvelopeRejected, OpenedEnvelope, OpenPolicy, open_envelope
+from agent.jmix.reader import (
+    MAX_MANIFEST_BYTES,
+    Check,
+    EnvelopeRejected,
+    OpenedEnvelope,
+    OpenPolicy,
+    open_envelope,
+)
+from agent.jmix.tarsafe import ArchiveLimits
 from agent.pipeline.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -68,6 +82,8 @@ class InboundPipeline:
         self.import_dir = fsutil.make_private_dir(config.inbound.import_dir)
         self.quarantine = fsutil.make_private_dir(config.inbound.quarantine_dir)
         self.ledger = fsutil.make_private_dir(spool.path("ledger"))
+        # pydicom would otherwise log invalid values it reads, patient attributes included.
+        disable_pydicom_value_validation()
 
     def policy(self) -> OpenPolicy:
         """Return the open policy built from the peers' pinned keys."""
@@ -75,12 +91,25 @@ class InboundPipeline:
             {peer.id: tuple(peer.signing_keys) for peer in self.config.peers},
             frozenset(self.config.inbound.revoked_fingerprints),
         )
+        inbound = self.config.inbound
+        limits = ArchiveLimits(
+            max_members=inbound.max_members,
+            max_file_bytes=min(ArchiveLimits.max_file_bytes, inbound.max_envelope_bytes),
+            max_total_bytes=inbound.max_envelope_bytes,
+            max_ratio=inbound.max_expansion_ratio,
+        )
         return OpenPolicy(
             recipient_keys=self.identity.encryption_keys,
             trusted=trusted,
             our_id=self.identity.id,
             require_sender_identity=True,
             allow_plain=False,
+            allow_plain_senders=frozenset(p.id for p in self.config.peers if p.allow_plain),
+            require_jws_senders=frozenset(p.id for p in self.config.peers if p.require_jws),
+            directory_keys=(inbound.directory_public_key,) if inbound.directory_public_key else (),
+            limits=limits,
+            max_age=timedelta(hours=inbound.max_envelope_age_hours),
+            max_clock_skew=timedelta(seconds=inbound.max_clock_skew_seconds),
         )
 
     def due_entries(self) -> list[Path]:
@@ -116,7 +145,33 @@ class InboundPipeline:
         except FileNotFoundError:
             fsutil.remove_tree(claim)
             return InboundResult(name, "vanished")
+        return self._process_claimed(claim, claimed, name)
 
+    def recover_claims(self) -> list[InboundResult]:
+        """Process entries claimed earlier but not finished (a crash, or a disk error).
+
+        Only the main loop claims entries, so call this from the same thread, between
+        calls to :meth:`process`.
+        """
+        results = []
+        for claim in sorted(self.spool.path("work").glob("in-*")):
+            fsutil.remove_tree(claim / "open")
+            entries = list(claim.iterdir())
+            if not entries:
+                # The crash came between creating the claim folder and the claim rename.
+                fsutil.remove_tree(claim)
+                continue
+            LOGGER.info("resuming inbox entry %r, claimed before a restart", entries[0].name)
+            try:
+                results.append(self._process_claimed(claim, entries[0], entries[0].name))
+            except Exception:
+                LOGGER.exception("resuming inbox entry %r failed; it is kept", entries[0].name)
+        return results
+
+    def _process_claimed(self, claim: Path, claimed: Path, name: str) -> InboundResult:
+        # An unexpected error (such as a full disk) keeps the claimed entry in work/, so
+        # that recover_claims() processes it again instead of losing it.
+        keep_claim = False
         try:
             if claimed.is_symlink():
                 return self._reject(
@@ -125,9 +180,20 @@ class InboundPipeline:
             opened = self._open(claimed, claim / "open")
             if isinstance(opened, InboundResult):
                 return opened
+            try:
+                opened.checks.append(Check("dicom", True, check_dicom_files(opened)))
+            except JmixError as exc:
+                opened.checks.append(Check("dicom", False, exc.message))
+                rejected = EnvelopeRejected(exc, opened.checks)
+                return self._reject(
+                    claimed, name, exc.code, exc.message, opened.envelope_id, rejected
+                )
             return self._import(opened, claimed, name)
+        except BaseException:
+            keep_claim = True
+            raise
         finally:
-            fsutil.remove_tree(claim)
+            fsutil.remove_tree(claim / "open" if keep_claim else claim)
 
     def _open(self, claimed: Path, work: Path) -> OpenedEnvelope | InboundResult:
         work.mkdir(mode=0o700)
@@ -135,14 +201,28 @@ class InboundPipeline:
         try:
             return open_envelope(claimed, policy, work)
         except EnvelopeRejected as exc:
-            envelope_id = _manifest_id(claimed)
+            envelope_id = exc.envelope_id or _manifest_id(claimed)
             return self._reject(claimed, claimed.name, exc.code, exc.message, envelope_id, exc)
         except JmixError as exc:
             return self._reject(claimed, claimed.name, exc.code, exc.message, _manifest_id(claimed))
+        except OSError:
+            raise
+        except Exception as exc:
+            # A verifier bug triggered by hostile input must neither drop the input nor
+            # stop the inbox: quarantine it like any rejection, with the traceback logged.
+            LOGGER.exception("verifying inbox entry %r failed unexpectedly", claimed.name)
+            message = (
+                f"verification failed unexpectedly ({type(exc).__name__}); "
+                "the agent's log has the traceback"
+            )
+            return self._reject(
+                claimed, claimed.name, "internal_error", message, _manifest_id(claimed)
+            )
 
     def _import(self, opened: OpenedEnvelope, claimed: Path, name: str) -> InboundResult:
         envelope_id = opened.envelope_id
-        digest = _manifest_digest(claimed)
+        # The digest of the verified bytes, which also covers a manifest inside a zip.
+        digest = opened.manifest_sha256 or _manifest_digest(claimed)
         ledger_entry = self.ledger / f"{envelope_id}.json"
         if ledger_entry.exists():
             previous = json.loads(ledger_entry.read_bytes())
@@ -164,8 +244,15 @@ class InboundPipeline:
                 envelope_id,
             )
 
+        # Read before publishing, which moves the payload folder away.
+        study_uid = _safe_uid(opened.study_uid)
         target = self.import_dir / envelope_id
-        _publish(opened.payload_dir, target)
+        if target.exists():
+            # A crash came between publishing and writing the ledger entry below, and
+            # recover_claims() verified the same envelope again.
+            LOGGER.info("envelope %s was published before a restart; recording it", envelope_id)
+        else:
+            _publish(opened.payload_dir, target)
         record = {
             "envelope_id": envelope_id,
             "sender": opened.sender_id,
@@ -177,7 +264,7 @@ class InboundPipeline:
             "envelope_imported",
             envelope_id=envelope_id,
             peer=opened.sender_id,
-            study_uid=_safe_uid(opened.study_uid),
+            study_uid=study_uid,
             count=len(opened.files),
             dialect=opened.hkdf_dialect,
             hash_rule=opened.hash_rule,
@@ -226,6 +313,30 @@ class InboundPipeline:
         return InboundResult(name, "rejected", envelope_id, code)
 
 
+def check_dicom_files(opened: OpenedEnvelope) -> str:
+    """Check that every file under ``dicom/`` is a DICOM Part 10 instance.
+
+    The reader proves that the files are the ones the sender signed, and this check
+    proves that they are DICOM. A signed but wrong file (a document, an executable)
+    therefore never reaches the import folder under a ``.dcm`` name. Raises JmixError
+    with code ``dicom_invalid``.
+    """
+    names = [name for name in opened.files if name.startswith("dicom/")]
+    for name in names:
+        try:
+            # pydicom reports structural problems through warnings.warn, printed to stderr
+            # with the file's path, outside the log format. The rejection reports them.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                read_instance_info(opened.payload_dir / name)
+        except InvalidInstanceError as exc:
+            raise JmixError(
+                f"payload file {name!r} is not a DICOM instance: {exc.reason}",
+                code="dicom_invalid",
+            ) from exc
+    return f"{len(names)} files under dicom/ are DICOM Part 10 instances"
+
+
 def _newest_mtime(entry: Path) -> float:
     newest = entry.lstat().st_mtime
     if entry.is_dir() and not entry.is_symlink():
@@ -241,10 +352,14 @@ def _manifest_digest(package: Path) -> str:
 
 def _manifest_id(package: Path) -> str | None:
     """Return the manifest's id if it is a UUID (for the audit record), else None."""
+    path = package / "manifest.json"
     try:
-        value = json.loads((package / "manifest.json").read_bytes()).get("id")
+        # Only a regular file is read: opening a FIFO would block the inbox for good.
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        value = json.loads(path.read_bytes()).get("id")
         return str(uuid.UUID(value)) if isinstance(value, str) else None
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         return None
 
 

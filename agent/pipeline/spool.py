@@ -8,8 +8,10 @@ Layout under the state directory::
     sealed/<batch-id>/                    sealed for every routed peer, kept for retention
     outbox/<peer>/<envelope-id>.JMIX/     sealed envelope waiting to be sent
     sent/<peer>/<envelope-id>.JMIX/       delivered
+    failed/<peer>/<envelope-id>.JMIX/     not delivered in time, waiting for an operator
+    delivery/<peer>/                      retry schedule (see agent.pipeline.delivery)
     inbox/                                inbound envelopes as received (default inbox)
-    work/                                 private staging for seal and open
+    work/                                 private staging; work/in-* are inbound claims
     ledger/                               seen envelope ids
     quarantine/                           rejected input with reason.json (default)
 
@@ -31,7 +33,19 @@ from typing import BinaryIO
 from agent import fsutil
 from agent.dicom.uids import InstanceInfo, validate_uid
 
-STATES = ("incoming", "ready", "sealed", "outbox", "sent", "inbox", "work", "ledger", "quarantine")
+STATES = (
+    "incoming",
+    "ready",
+    "sealed",
+    "outbox",
+    "sent",
+    "failed",
+    "delivery",
+    "inbox",
+    "work",
+    "ledger",
+    "quarantine",
+)
 SOURCES_DIR = ".sources"
 _SAFE_SOURCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
