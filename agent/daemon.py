@@ -45,6 +45,9 @@ from agent.transport.directory import DirectoryTransport
 
 LOGGER = logging.getLogger(__name__)
 
+STALL_SECONDS = 1800.0
+"""A main loop round running longer than this is taken as stuck (see Agent._start_watchdog)."""
+
 _Replacement = tuple[PeerConfig, Transport]
 """The peer config and transport of a sender that waits for its predecessor to exit."""
 
@@ -158,6 +161,7 @@ class Agent:
         self._scp: Any = None
         self._watchers: list[Any] = []
         self._disk_low = False
+        self._heartbeat = time.monotonic()
         self._next_housekeeping = 0.0
         self._stop_requested_at: float | None = None
 
@@ -320,18 +324,46 @@ class Agent:
         """Run until SIGTERM or SIGINT."""
         self.start()
         notify("READY=1\nSTATUS=running")
-        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        last_ping = 0.0
+        self._heartbeat = time.monotonic()
+        watchdog = self._start_watchdog()
         while not self.stop_event.is_set():
+            self._heartbeat = time.monotonic()
             try:
                 self.tick()
             except Exception:
                 LOGGER.exception("main loop round failed; continuing")
-            if watchdog_usec and time.monotonic() - last_ping > watchdog_usec / 2e6:
-                notify("WATCHDOG=1")
-                last_ping = time.monotonic()
             self.stop_event.wait(self.config.poll_interval)
         self.shutdown()
+        if watchdog is not None:
+            watchdog.join(timeout=5)
+
+    def _start_watchdog(self) -> threading.Thread | None:
+        """Ping systemd's watchdog from a thread while the main loop keeps making rounds.
+
+        Sealing or opening a large study can take longer than WatchdogSec, so the ping
+        cannot wait for the round to end. The thread pings as long as the current round
+        started less than ``STALL_SECONDS`` ago; a main loop stuck longer than that stops
+        the pings, and systemd restarts the agent.
+        """
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if not watchdog_usec:
+            return None
+        interval = watchdog_usec / 2e6
+
+        def ping() -> None:
+            while not self.stop_event.wait(interval):
+                if time.monotonic() - self._heartbeat < STALL_SECONDS:
+                    notify("WATCHDOG=1")
+                else:
+                    LOGGER.error(
+                        "main loop has not started a round for %.0f s; no longer pinging "
+                        "the systemd watchdog so that the service is restarted",
+                        time.monotonic() - self._heartbeat,
+                    )
+
+        thread = threading.Thread(target=ping, name="systemd-watchdog", daemon=True)
+        thread.start()
+        return thread
 
     # -- reload --------------------------------------------------------------------------
 
