@@ -35,10 +35,9 @@ from agent.jmix.tarsafe import (
     CHUNK,
     ArchiveLimits,
     ExtractedFile,
+    MemberWriter,
     extract_tar,
-    make_dirs,
     safe_member_name,
-    write_member,
 )
 
 ZIP = "zip"
@@ -158,10 +157,7 @@ def extract_zip(archive: Path, destination: Path, limits: ArchiveLimits) -> list
     archive's size on disk) are checked while writing, because the sizes a zip declares
     can lie. On error the caller discards ``destination``.
     """
-    compressed_size = max(archive.stat().st_size, 1)
-    files: list[ExtractedFile] = []
-    seen: set[str] = set()
-    total = 0
+    writer = MemberWriter(destination, limits, max(archive.stat().st_size, 1), kind="zip")
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()
@@ -172,29 +168,15 @@ def extract_zip(archive: Path, destination: Path, limits: ArchiveLimits) -> list
                 )
             for info in members:
                 _check_zip_member(info)
-                name = safe_member_name(info.filename)
-                if not name:
+                placed = writer.target_for(info.filename)
+                if placed is None:
                     continue
-                if name in seen:
-                    raise UnsafeArchiveError(
-                        f"zip member {name!r} appears twice", code="duplicate_member"
-                    )
-                seen.add(name)
-                target = destination / name
+                name, target = placed
                 if info.is_dir():
-                    make_dirs(destination, target)
+                    writer.add_directory(target)
                     continue
-                if info.file_size > limits.max_file_bytes:
-                    raise UnsafeArchiveError(
-                        f"zip member {name!r} is {info.file_size} bytes; the limit is "
-                        f"{limits.max_file_bytes}",
-                        code="archive_too_large",
-                    )
-                make_dirs(destination, target.parent)
                 with bundle.open(info) as source:
-                    written = write_member(source, target, limits, total, compressed_size)
-                total += written
-                files.append(ExtractedFile(name, written))
+                    writer.add_file(name, target, info.file_size, source)
     except zipfile.BadZipFile as exc:
         raise UnsafeArchiveError(
             f"envelope container is not a readable zip: {exc}", code="archive_invalid"
@@ -203,7 +185,7 @@ def extract_zip(archive: Path, destination: Path, limits: ArchiveLimits) -> list
         raise UnsafeArchiveError(
             f"envelope container zip cannot be read: {exc}", code="archive_invalid"
         ) from exc
-    return files
+    return writer.files
 
 
 # -- reading only the manifest (inspect) ------------------------------------------------------

@@ -95,6 +95,63 @@ def _check_type(member: tarfile.TarInfo) -> None:
     )
 
 
+class MemberWriter:
+    """Places the members of one untrusted archive into ``destination`` under ``limits``.
+
+    Shared by the tar and zip extractors so that both apply the same rules: a safe name,
+    no name twice, folders created only through folders, and the per-file, total and
+    ratio limits checked while bytes are written. ``compressed_size`` (the archive's size
+    on disk) enables the ratio check; ``kind`` names the archive in messages.
+    """
+
+    def __init__(
+        self,
+        destination: Path,
+        limits: ArchiveLimits,
+        compressed_size: int | None,
+        kind: str = "archive",
+    ) -> None:
+        self.destination = destination
+        self.limits = limits
+        self.compressed_size = compressed_size
+        self.kind = kind
+        self.files: list[ExtractedFile] = []
+        self.total = 0
+        self._seen: set[str] = set()
+
+    def target_for(self, raw_name: str) -> tuple[str, Path] | None:
+        """Return the checked name and target path of a member, or None for the root entry."""
+        name = safe_member_name(raw_name)
+        if not name:
+            return None
+        if name in self._seen:
+            raise UnsafeArchiveError(
+                f"{self.kind} member {name!r} appears twice", code="duplicate_member"
+            )
+        self._seen.add(name)
+        return name, self.destination / name
+
+    def add_directory(self, target: Path) -> None:
+        """Create a folder member."""
+        make_dirs(self.destination, target)
+
+    def add_file(self, name: str, target: Path, declared_size: int, source: object) -> None:
+        """Write a file member from ``source`` (read until exhausted), enforcing the limits."""
+        if declared_size > self.limits.max_file_bytes:
+            raise UnsafeArchiveError(
+                f"{self.kind} member {name!r} is {declared_size} bytes; the limit is "
+                f"{self.limits.max_file_bytes}",
+                code="archive_too_large",
+            )
+        make_dirs(self.destination, target.parent)
+        written = write_member(source, target, self.limits, self.total, self.compressed_size)
+        self.total += written
+        if PurePosixPath(name).name == PLACEHOLDER:
+            target.unlink()
+            return
+        self.files.append(ExtractedFile(name, written))
+
+
 def extract_tar(
     archive: Path, destination: Path, limits: ArchiveLimits, what: str = "payload"
 ) -> list[ExtractedFile]:
@@ -103,12 +160,9 @@ def extract_tar(
     Returns the regular files written; ``what`` names the archive in error messages. On
     error the caller discards ``destination``.
     """
-    compressed_size = max(archive.stat().st_size, 1)
     with archive.open("rb") as raw:
         gzip = raw.read(2) == b"\x1f\x8b"
-    files: list[ExtractedFile] = []
-    seen: set[str] = set()
-    total = 0
+    writer = MemberWriter(destination, limits, max(archive.stat().st_size, 1) if gzip else None)
     count = 0
     try:
         handle = tarfile.open(archive, mode="r|gz" if gzip else "r|")
@@ -126,45 +180,26 @@ def extract_tar(
                         code="archive_too_many_members",
                     )
                 _check_type(member)
-                name = safe_member_name(member.name)
-                if not name:
+                placed = writer.target_for(member.name)
+                if placed is None:
                     continue
-                if name in seen:
-                    raise UnsafeArchiveError(
-                        f"archive member {name!r} appears twice", code="duplicate_member"
-                    )
-                seen.add(name)
-                target = destination / name
+                name, target = placed
                 if member.isdir():
-                    make_dirs(destination, target)
+                    writer.add_directory(target)
                     continue
-                if member.size > limits.max_file_bytes:
-                    raise UnsafeArchiveError(
-                        f"archive member {name!r} is {member.size} bytes; the limit is "
-                        f"{limits.max_file_bytes}",
-                        code="archive_too_large",
-                    )
-                make_dirs(destination, target.parent)
                 source = handle.extractfile(member)
                 if source is None:
                     raise UnsafeArchiveError(
                         f"archive member {name!r} has no data", code="archive_invalid"
                     )
-                written = write_member(
-                    source, target, limits, total, compressed_size if gzip else None
-                )
-                total += written
-                if PurePosixPath(name).name == PLACEHOLDER:
-                    target.unlink()
-                    continue
-                files.append(ExtractedFile(name, written))
+                writer.add_file(name, target, member.size, source)
         except tarfile.TarError as exc:
             raise UnsafeArchiveError(
                 f"{what} tar is corrupt: {exc}", code="archive_invalid"
             ) from exc
         except EOFError as exc:
             raise UnsafeArchiveError(f"{what} tar is truncated", code="archive_invalid") from exc
-    return files
+    return writer.files
 
 
 def make_dirs(root: Path, directory: Path) -> None:
