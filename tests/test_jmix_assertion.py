@@ -20,7 +20,7 @@ import pytest
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydicom.data import get_testdata_files
+from jmixkit import bundled_ct_study
 
 from agent.dicom.inspect import build_metadata
 from agent.jmix.assertion import TrustedKeys, canonical_bytes, required_fields, sign_assertion
@@ -121,13 +121,7 @@ class Sealed:
 
 @pytest.fixture
 def sealed(tmp_path: Path) -> Sealed:
-    sources = sorted(
-        Path(name)
-        for name in get_testdata_files()
-        if "98892001" in Path(name).parts and Path(name).is_file()
-    )[:2]
-    if len(sources) < 2:
-        pytest.skip("pydicom's bundled study dicomdirtests/98892001 is not installed")
+    sources = bundled_ct_study(2)
     signing, recipient = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
     result = seal_envelope(
         [PayloadFile(f"dicom/{path.name}.dcm", path) for path in sources],

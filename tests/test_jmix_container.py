@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydicom.data import get_testdata_files
+from jmixkit import bundled_ct_study
 
 from agent.cli import main
 from agent.dicom.inspect import build_metadata
@@ -41,14 +41,7 @@ RECEIVER = Party("org:test.site-b", "Site B", "pacs@site-b.test")
 
 
 def ct_study() -> list[Path]:
-    files = sorted(
-        Path(name)
-        for name in get_testdata_files()
-        if "98892001" in Path(name).parts and Path(name).is_file()
-    )
-    if len(files) < 3:
-        pytest.skip("pydicom's bundled study dicomdirtests/98892001 is not installed")
-    return files[:3]
+    return bundled_ct_study(3)
 
 
 def sha256_path(path: Path) -> str:

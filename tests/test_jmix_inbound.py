@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydicom.data import get_testdata_files
+from jmixkit import bundled_ct_study
 
 from agent.audit import AuditLog
 from agent.config import Config, ConfigError, parse_config
@@ -49,14 +49,7 @@ def b64(raw: bytes) -> str:
 
 
 def ct_study() -> list[Path]:
-    files = sorted(
-        Path(name)
-        for name in get_testdata_files()
-        if "98892001" in Path(name).parts and Path(name).is_file()
-    )
-    if len(files) < 2:
-        pytest.skip("pydicom's bundled study dicomdirtests/98892001 is not installed")
-    return files[:2]
+    return bundled_ct_study(2)
 
 
 @dataclass

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from jmixkit import bundled_ct_study
 from jsonschema import Draft202012Validator, FormatChecker
-from pydicom.data import get_testdata_files
 
 from agent.dicom.inspect import build_metadata
 from agent.jmix.assertion import TrustedKeys
@@ -88,15 +88,7 @@ ALL_INFOS = [dialect.hkdf_info for dialect in DIALECTS.values()]
 
 
 def ct_study() -> list[Path]:
-    """Return pydicom's bundled CT study ``dicomdirtests/98892001`` (seven small files)."""
-    files = sorted(
-        Path(name)
-        for name in get_testdata_files()
-        if "98892001" in Path(name).parts and Path(name).is_file()
-    )
-    if len(files) < 3:
-        pytest.skip("pydicom's bundled study dicomdirtests/98892001 is not installed")
-    return files
+    return bundled_ct_study()
 
 
 def payload_files(sources: list[Path]) -> list[PayloadFile]:
