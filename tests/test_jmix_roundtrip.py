@@ -529,7 +529,7 @@ def test_wrong_recipient_decrypt_failed(keys: Keys, tmp_path: Path) -> None:
         "requester",
         "receiver_assertions",
         "jws",
-        "ciphertext_hash",
+        "payload_file",
     ]
     assert list(work.rglob("*")) == []
 

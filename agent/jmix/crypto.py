@@ -89,6 +89,7 @@ class DecryptResult:
     info: bytes
     plaintext_sha256: str
     plaintext_bytes: int
+    ciphertext_sha256: str
 
 
 def decrypt_stream(
@@ -107,8 +108,10 @@ def decrypt_stream(
     key = derive_key(recipient.exchange(peer), info)
     context = Cipher(algorithms.AES(key), modes.GCM(params.iv, params.auth_tag)).decryptor()
     digest = hashlib.sha256()
+    ciphertext_digest = hashlib.sha256()
     total = 0
     while chunk := source.read(CHUNK):
+        ciphertext_digest.update(chunk)
         plain = context.update(chunk)
         total += len(plain)
         if max_plaintext_bytes is not None and total > max_plaintext_bytes:
@@ -128,4 +131,4 @@ def decrypt_stream(
         ) from exc
     digest.update(tail)
     sink.write(tail)
-    return DecryptResult(info, digest.hexdigest(), total + len(tail))
+    return DecryptResult(info, digest.hexdigest(), total + len(tail), ciphertext_digest.hexdigest())

@@ -41,7 +41,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent import fsutil
 from agent.jmix.assertion import AssertionResult, TrustedKeys
 from agent.jmix.container import container_stem, unpack_container
-from agent.jmix.crypto import IV_LENGTH, TAG_LENGTH, EncryptionParams, decrypt_stream
+from agent.jmix.crypto import (
+    IV_LENGTH,
+    TAG_LENGTH,
+    DecryptResult,
+    EncryptionParams,
+    decrypt_stream,
+)
 from agent.jmix.errors import (
     EnvelopeFormatError,
     IdentityError,
@@ -455,23 +461,23 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
     if encrypted_file is not None:
         encrypted_path: Path = encrypted_file
 
-        def hash_before() -> str:
+        def check_link() -> str:
             if encrypted_path.is_symlink():
                 raise EnvelopeFormatError(
                     f"{encrypted_path.name} is a symbolic link", code="symlink"
                 )
-            if asserted is not None and sha256_file(encrypted_path) == asserted:
-                outcome["rule"] = HashRule.ENCRYPTED_FILE
-                return f"matches rule {HashRule.ENCRYPTED_FILE}"
-            return "checked after decryption"
+            return f"{encrypted_path.name} is a regular file"
 
         def decrypt() -> str:
             params = _encryption_params(state["manifest"].get("security", {}).get("encryption"))
             tar_path = work / "payload.tar"
             result = _decrypt_any(encrypted_path, tar_path, params, policy)
-            outcome["hkdf"] = HKDF_INFOS[result[0]]
-            outcome["tar_sha256"] = result[1]
+            outcome["hkdf"] = HKDF_INFOS[result.info]
+            outcome["tar_sha256"] = result.plaintext_sha256
             outcome["tar"] = tar_path
+            # The encrypted file's hash comes from the same pass, before anything is unpacked.
+            if asserted is not None and result.ciphertext_sha256 == asserted:
+                outcome["rule"] = HashRule.ENCRYPTED_FILE
             return f"AES-256-GCM tag verified (HKDF info of {outcome['hkdf']})"
 
         def extract() -> str:
@@ -482,9 +488,12 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
             root_dir = _strip_prefix(raw_dir, [item.name for item in extracted])
             os.rename(root_dir, staging)
             outcome["files"] = sorted(item.name.removeprefix("payload/") for item in extracted)
+            outcome["digests"] = {
+                item.name.removeprefix("payload/"): item.sha256 for item in extracted
+            }
             return f"{len(extracted)} files unpacked"
 
-        steps.run("ciphertext_hash", hash_before)
+        steps.run("payload_file", check_link)
         steps.run("decrypt", decrypt)
         steps.run("extract", extract)
     else:
@@ -523,7 +532,7 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
         )
 
     def files_json() -> str:
-        return _check_files_json(staging, outcome["files"])
+        return _check_files_json(staging, outcome["files"], outcome.get("digests", {}))
 
     steps.run("payload_hash", hash_after)
     steps.run("files_json", files_json)
@@ -696,8 +705,8 @@ def _check_plain_allowed(
 
 def _decrypt_any(
     encrypted: Path, tar_path: Path, params: EncryptionParams, policy: OpenPolicy
-) -> tuple[bytes, str]:
-    """Try every recipient key and HKDF info; return the (info, tar sha256) that verified."""
+) -> DecryptResult:
+    """Try every recipient key and HKDF info; return the result of the one that verified."""
     if not policy.recipient_keys:
         raise IntegrityError("no decryption key was given", code="no_key")
     infos = list(HKDF_INFOS)
@@ -726,7 +735,7 @@ def _decrypt_any(
                         "security.encryption.ephemeral_public_key is not a usable X25519 key",
                         code="ephemeral_key_invalid",
                     ) from exc
-            return info, result.plaintext_sha256
+            return result
     with contextlib.suppress(FileNotFoundError):
         tar_path.unlink()
     tried = ", ".join(fingerprint(raw_public(key.public_key())) for key in policy.recipient_keys)
@@ -802,8 +811,12 @@ def _file_entries(document: Any) -> list[tuple[str, str | None, int | None]]:
     return entries
 
 
-def _check_files_json(staging: Path, present: list[str]) -> str:
-    """Check files.json's entries; files under a top folder it covers must all be listed."""
+def _check_files_json(staging: Path, present: list[str], digests: Mapping[str, str]) -> str:
+    """Check files.json's entries; files under a top folder it covers must all be listed.
+
+    ``digests`` holds the SHA-256 of files hashed while they were unpacked; other files
+    are read again.
+    """
     listing = staging / "files.json"
     if not listing.is_file():
         return "no files.json (optional)"
@@ -823,7 +836,8 @@ def _check_files_json(staging: Path, present: list[str]) -> str:
             raise IntegrityError(
                 f"{name!r} has a different size than files.json says", code="file_hash_mismatch"
             )
-        if digest is not None and sha256_file(target) != digest:
+        actual = digests.get(normal) or (sha256_file(target) if digest is not None else None)
+        if digest is not None and actual != digest:
             raise IntegrityError(
                 f"{name!r} does not match its files.json hash", code="file_hash_mismatch"
             )

@@ -8,6 +8,7 @@ enforced while bytes are written, so a bomb is stopped before it fills the disk.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ class ExtractedFile:
 
     name: str
     size: int
+    sha256: str
+    """Hex SHA-256 of the bytes written, so callers need not read the file again."""
 
 
 def _check_type(member: tarfile.TarInfo) -> None:
@@ -144,12 +147,14 @@ class MemberWriter:
                 code="archive_too_large",
             )
         make_dirs(self.destination, target.parent)
-        written = write_member(source, target, self.limits, self.total, self.compressed_size)
+        written, digest = write_member(
+            source, target, self.limits, self.total, self.compressed_size
+        )
         self.total += written
         if PurePosixPath(name).name == PLACEHOLDER:
             target.unlink()
             return
-        self.files.append(ExtractedFile(name, written))
+        self.files.append(ExtractedFile(name, written, digest))
 
 
 def extract_tar(
@@ -218,8 +223,10 @@ def make_dirs(root: Path, directory: Path) -> None:
 
 def write_member(
     source: object, target: Path, limits: ArchiveLimits, total_before: int, compressed: int | None
-) -> int:
-    """Copy one member's bytes from ``source`` into the new file ``target``; return its size.
+) -> tuple[int, str]:
+    """Copy one member's bytes from ``source`` into the new file ``target``.
+
+    Returns the size and hex SHA-256 of what was written.
 
     The per-file, total and (with ``compressed``, the archive's size) ratio limits are
     checked after every chunk, so a bomb stops before it fills the disk.
@@ -231,6 +238,7 @@ def write_member(
             f"archive member {target.name!r} collides with another", code="duplicate_member"
         ) from None
     written = 0
+    digest = hashlib.sha256()
     read = source.read  # type: ignore[attr-defined]
     with os.fdopen(fd, "wb") as sink:
         while chunk := read(CHUNK):
@@ -246,5 +254,6 @@ def write_member(
                     f"archive expands more than {limits.max_ratio:g} times; refusing a bomb",
                     code="archive_ratio",
                 )
+            digest.update(chunk)
             sink.write(chunk)
-    return written
+    return written, digest.hexdigest()
