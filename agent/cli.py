@@ -26,13 +26,13 @@ from agent.jmix import keys
 from agent.jmix.assertion import TrustedKeys
 from agent.jmix.container import peek_container
 from agent.jmix.errors import JmixError
+from agent.jmix.manifest import normalise_manifest
 from agent.jmix.profiles import PROFILES, get_profile
 from agent.jmix.reader import (
     MAX_MANIFEST_BYTES,
     EnvelopeRejected,
     OpenPolicy,
     find_package_root,
-    normalise_manifest,
     open_envelope,
 )
 from agent.jmix.seal import ENVELOPE_FORMATS, Party, PayloadFile, Requester, seal_envelope

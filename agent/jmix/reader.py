@@ -15,10 +15,13 @@ The checks run in a fixed order and each one names the attack it stops:
    party);
 5. jws: manifest.jws, when present or required, is the sender's signature over the exact
    manifest.json bytes (a manifest changed outside the assertion's signed fields);
-6. payload hash over the encrypted file, when that is the rule (tampered ciphertext);
-7. decryption: AES-GCM tag verified before any plaintext is unpacked (tampering);
-8. safe extraction into private staging with limits (path traversal, links, bombs);
-9. payload hash over the plaintext when that is the rule, and files.json (substitution).
+6. decryption: AES-GCM tag verified before any plaintext is unpacked (tampering), with
+   the encrypted file's hash taken in the same pass;
+7. safe extraction into private staging with limits (path traversal, links, bombs);
+8. payload hash under whichever rule matches, and files.json (substitution).
+
+Manifest parsing lives in :mod:`agent.jmix.manifest` and the payload checks in
+:mod:`agent.jmix.payload`.
 
 Nothing is written outside ``work``; publishing the result is the caller's single rename.
 """
@@ -29,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,12 +40,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent import fsutil
 from agent.jmix.assertion import AssertionResult, TrustedKeys
 from agent.jmix.container import container_stem, unpack_container
 from agent.jmix.crypto import (
-    IV_LENGTH,
-    TAG_LENGTH,
     DecryptResult,
     EncryptionParams,
     decrypt_stream,
@@ -53,21 +52,27 @@ from agent.jmix.errors import (
     IdentityError,
     IntegrityError,
     JmixError,
-    KeyFormatError,
 )
-from agent.jmix.hashing import line_list_hash, path_walk_hash, sha256_file
+from agent.jmix.hashing import line_list_hash, path_walk_hash
 from agent.jmix.jws import DEFAULT_JWS_FILE, JwsError, jws_reference, verify_manifest_jws
-from agent.jmix.keys import b64decode, fingerprint, raw_public
+from agent.jmix.keys import fingerprint, raw_public
+from agent.jmix.manifest import (
+    asserted_hash,
+    encryption_params,
+    normalise_manifest,
+    parse_json,
+    read_limited,
+    validate_manifest,
+)
 from agent.jmix.parties import has_assertion, verify_party
+from agent.jmix.payload import check_files_json, copy_plain_payload, strip_payload_prefix
 from agent.jmix.profiles import HKDF_INFO_RS, HKDF_INFOS, HashRule
 from agent.jmix.schema import check_document
 from agent.jmix.tarsafe import ArchiveLimits, extract_tar
 from agent.jmix.timeutil import parse_timestamp
 
 MAX_MANIFEST_BYTES = 1024 * 1024
-MAX_FILES_JSON_BYTES = 64 * 1024 * 1024
 ENCRYPTED_NAMES = ("payload.encrypted", "payload.enc")
-SKIPPED_HASHES = ("", "sha256:skipped")
 ENVELOPE_SUFFIXES = (".jmix",)
 
 
@@ -209,141 +214,6 @@ def find_package_root(path: Path, work: Path | None = None) -> Path:
     return locate_package(path, work).root
 
 
-def _read_limited(path: Path, limit: int, what: str) -> bytes:
-    if path.is_symlink() or not path.is_file():
-        raise EnvelopeFormatError(f"{what} is missing", code="manifest_missing")
-    if path.stat().st_size > limit:
-        raise EnvelopeFormatError(f"{what} is larger than {limit} bytes", code="json_too_large")
-    return path.read_bytes()
-
-
-def _read_json(path: Path, limit: int, what: str) -> Any:
-    return parse_json(_read_limited(path, limit, what), what)
-
-
-def parse_json(data: bytes, what: str) -> Any:
-    """Parse untrusted JSON strictly, raising EnvelopeFormatError (``json_invalid``)."""
-    try:
-        return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        # RecursionError: deeply nested arrays fit in a small file and exhaust the parser.
-        raise EnvelopeFormatError(f"{what} is not valid JSON: {exc}", code="json_invalid") from exc
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Build a JSON object, rejecting a repeated key.
-
-    Parsers disagree on which copy of a repeated key wins, so a manifest with two ``id``
-    values could be verified under one and acted on under the other.
-    """
-    document: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in document:
-            raise ValueError(f"key {key!r} appears twice in one object")
-        document[key] = value
-    return document
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-_ALIASES = (
-    ("id", "envelope_id"),
-    ("version", "jmix_version"),
-    ("timestamp", "created_at"),
-    ("receiver", "receivers"),
-)
-
-
-def normalise_manifest(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Map jmix-js field names onto the spec's; the spec name wins where both exist."""
-    manifest = dict(raw)
-    for spec_name, alias in _ALIASES:
-        if spec_name not in manifest and alias in manifest:
-            manifest[spec_name] = manifest[alias]
-    security = manifest.get("security")
-    if (
-        isinstance(security, dict)
-        and "encryption" not in security
-        and isinstance(manifest.get("encryption"), dict)
-    ):
-        manifest["security"] = {**security, "encryption": manifest["encryption"]}
-    return manifest
-
-
-def _require_str(document: Mapping[str, Any], key: str, what: str) -> str:
-    value = document.get(key)
-    if not isinstance(value, str) or not value:
-        raise EnvelopeFormatError(f"{what} is missing or not a string", code="manifest_invalid")
-    return value
-
-
-def validate_manifest(manifest: Mapping[str, Any]) -> str:
-    """Check the fields every later step relies on; return the envelope id."""
-    identifier = _require_str(manifest, "id", "manifest id")
-    try:
-        if str(uuid.UUID(identifier)) != identifier.lower():
-            raise ValueError(identifier)
-    except ValueError:
-        raise EnvelopeFormatError(
-            f"manifest id {identifier!r} is not a UUID", code="manifest_invalid"
-        ) from None
-    timestamp = _require_str(manifest, "timestamp", "manifest timestamp")
-    try:
-        parse_timestamp(timestamp)
-    except ValueError as exc:
-        raise EnvelopeFormatError(f"manifest timestamp: {exc}", code="manifest_invalid") from exc
-    sender = manifest.get("sender")
-    if not isinstance(sender, dict):
-        raise EnvelopeFormatError("manifest sender is missing", code="manifest_invalid")
-    _require_str(sender, "id", "sender id")
-    receivers = manifest.get("receiver")
-    if not isinstance(receivers, list) or not receivers:
-        raise EnvelopeFormatError("manifest lists no receiver", code="manifest_invalid")
-    for receiver in receivers:
-        if not isinstance(receiver, dict):
-            raise EnvelopeFormatError(
-                "a manifest receiver is not an object", code="manifest_invalid"
-            )
-        _require_str(receiver, "id", "receiver id")
-    security = manifest.get("security", {})
-    if not isinstance(security, dict):
-        raise EnvelopeFormatError("manifest security is not an object", code="manifest_invalid")
-    payload_hash = security.get("payload_hash", "")
-    if not isinstance(payload_hash, str):
-        raise EnvelopeFormatError("security.payload_hash is not a string", code="manifest_invalid")
-    return identifier.lower()
-
-
-def _encryption_params(block: object) -> EncryptionParams:
-    if not isinstance(block, dict):
-        raise EnvelopeFormatError("security.encryption is not an object", code="manifest_invalid")
-    algorithm = block.get("algorithm")
-    if algorithm != "AES-256-GCM":
-        raise EnvelopeFormatError(
-            f"unsupported encryption algorithm {algorithm!r} (only AES-256-GCM)",
-            code="algorithm_unsupported",
-        )
-    values: dict[str, bytes] = {}
-    for name, length in (("ephemeral_public_key", 32), ("iv", IV_LENGTH), ("auth_tag", TAG_LENGTH)):
-        text = block.get(name)
-        if not isinstance(text, str):
-            raise EnvelopeFormatError(
-                f"security.encryption.{name} is missing", code="manifest_invalid"
-            )
-        try:
-            values[name] = b64decode(text, f"security.encryption.{name}")
-        except KeyFormatError as exc:
-            raise EnvelopeFormatError(exc.message, code="manifest_invalid") from exc
-        if len(values[name]) != length:
-            raise EnvelopeFormatError(
-                f"security.encryption.{name} has {len(values[name])} bytes; expected {length}",
-                code="manifest_invalid",
-            )
-    return EncryptionParams(values["ephemeral_public_key"], values["iv"], values["auth_tag"])
-
-
 def _name_matches(names: Sequence[str], identifier: str) -> bool:
     """Return True if every name (folder, container file, folder inside it) is the id's."""
     for name in names:
@@ -354,18 +224,6 @@ def _name_matches(names: Sequence[str], identifier: str) -> bool:
         if stem.lower() != identifier:
             return False
     return True
-
-
-def _hash_value(text: str) -> str | None:
-    """Return the hex of an asserted payload hash, or None when it is not asserted."""
-    if text.strip().lower() in SKIPPED_HASHES:
-        return None
-    prefix, sep, digest = text.partition(":")
-    hex_part = digest if sep and prefix.lower() == "sha256" else text
-    return hex_part.strip().lower()
-
-
-# -- the opener ----------------------------------------------------------------------------
 
 
 class _Steps:
@@ -397,7 +255,7 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
         package = locate_package(path, work, policy.limits)
         state["package"] = package
         state["root"] = package.root
-        raw = _read_limited(package.root / "manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
+        raw = read_limited(package.root / "manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
         state["manifest_bytes"] = raw
         document = _checked_object(parse_json(raw, "manifest.json"))
         state["schema_notes"] = check_document("manifest.json", document)
@@ -454,7 +312,7 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
     encrypted_file = next(
         (root / name for name in ENCRYPTED_NAMES if (root / name).is_file()), None
     )
-    asserted = _hash_value(state["manifest"].get("security", {}).get("payload_hash", ""))
+    asserted = asserted_hash(state["manifest"].get("security", {}).get("payload_hash", ""))
     staging = work / "payload"
     outcome: dict[str, Any] = {"rule": None, "hkdf": None, "files": []}
 
@@ -469,7 +327,7 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
             return f"{encrypted_path.name} is a regular file"
 
         def decrypt() -> str:
-            params = _encryption_params(state["manifest"].get("security", {}).get("encryption"))
+            params = encryption_params(state["manifest"].get("security", {}).get("encryption"))
             tar_path = work / "payload.tar"
             result = _decrypt_any(encrypted_path, tar_path, params, policy)
             outcome["hkdf"] = HKDF_INFOS[result.info]
@@ -485,7 +343,7 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
             raw_dir.mkdir(mode=0o700)
             extracted = extract_tar(outcome["tar"], raw_dir, policy.limits)
             outcome["tar"].unlink()
-            root_dir = _strip_prefix(raw_dir, [item.name for item in extracted])
+            root_dir = strip_payload_prefix(raw_dir, [item.name for item in extracted])
             os.rename(root_dir, staging)
             outcome["files"] = sorted(item.name.removeprefix("payload/") for item in extracted)
             outcome["digests"] = {
@@ -506,7 +364,7 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
                     code="payload_missing",
                 )
             _check_plain_allowed(state["sender"], asserted, policy)
-            outcome["files"] = _copy_plain(plain, staging, policy.limits)
+            outcome["files"] = copy_plain_payload(plain, staging, policy.limits)
             return f"plain payload with {len(outcome['files'])} files (not encrypted)"
 
         steps.run("payload", plain_payload)
@@ -532,7 +390,7 @@ def open_envelope(path: Path, policy: OpenPolicy, work: Path) -> OpenedEnvelope:
         )
 
     def files_json() -> str:
-        return _check_files_json(staging, outcome["files"], outcome.get("digests", {}))
+        return check_files_json(staging, outcome["files"], outcome.get("digests", {}))
 
     steps.run("payload_hash", hash_after)
     steps.run("files_json", files_json)
@@ -744,112 +602,3 @@ def _decrypt_any(
         f"variant: the envelope was altered, or it was sealed to a different key (tried {tried})",
         code="decrypt_failed",
     )
-
-
-def _strip_prefix(raw_dir: Path, names: list[str]) -> Path:
-    """Return the payload root: ``raw/payload`` when every member sits under ``payload/``."""
-    if names and all(name.startswith("payload/") for name in names):
-        return raw_dir / "payload"
-    return raw_dir
-
-
-def _copy_plain(source: Path, staging: Path, limits: ArchiveLimits) -> list[str]:
-    """Copy a plain payload folder into staging, refusing links and special files."""
-    names: list[str] = []
-    total = 0
-    for directory, subdirs, files in os.walk(source):
-        relative = Path(directory).relative_to(source)
-        (staging / relative).mkdir(mode=0o700, parents=True, exist_ok=True)
-        for name in subdirs:
-            if (Path(directory) / name).is_symlink():
-                raise EnvelopeFormatError(f"payload folder {name!r} is a link", code="symlink")
-        for name in files:
-            path = Path(directory) / name
-            if path.is_symlink() or not path.is_file():
-                raise EnvelopeFormatError(
-                    f"payload entry {(relative / name).as_posix()!r} is not a regular file",
-                    code="unsafe_member_type",
-                )
-            total += path.stat().st_size
-            if len(names) >= limits.max_members or total > limits.max_total_bytes:
-                raise EnvelopeFormatError(
-                    "plain payload exceeds the size limits", code="archive_too_large"
-                )
-            fsutil.copy_file_durably(path, staging / relative / name)
-            names.append((relative / name).as_posix())
-    return sorted(names)
-
-
-def _file_entries(document: Any) -> list[tuple[str, str | None, int | None]]:
-    """Return (file, hash hex or None, size or None) from the spec or jmix-js form."""
-    if isinstance(document, dict) and isinstance(document.get("files"), list):
-        raw = document["files"]
-        key, size_key = "path", "size"
-    elif isinstance(document, list):
-        raw, key, size_key = document, "file", "size_bytes"
-    else:
-        raise IntegrityError(
-            "files.json is neither a list nor a files object", code="files_json_invalid"
-        )
-    entries: list[tuple[str, str | None, int | None]] = []
-    for item in raw:
-        if not isinstance(item, dict) or not isinstance(item.get(key), str):
-            raise IntegrityError(
-                "files.json has an entry without a file name", code="files_json_invalid"
-            )
-        digest = item.get("hash")
-        size = item.get(size_key)
-        if digest is not None and not isinstance(digest, str):
-            raise IntegrityError(
-                "files.json has a hash that is not a string", code="files_json_invalid"
-            )
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
-            raise IntegrityError(
-                "files.json has a size that is not an integer", code="files_json_invalid"
-            )
-        entries.append((item[key], _hash_value(digest) if digest else None, size))
-    return entries
-
-
-def _check_files_json(staging: Path, present: list[str], digests: Mapping[str, str]) -> str:
-    """Check files.json's entries; files under a top folder it covers must all be listed.
-
-    ``digests`` holds the SHA-256 of files hashed while they were unpacked; other files
-    are read again.
-    """
-    listing = staging / "files.json"
-    if not listing.is_file():
-        return "no files.json (optional)"
-    entries = _file_entries(_read_json(listing, MAX_FILES_JSON_BYTES, "files.json"))
-    listed: set[str] = set()
-    for name, digest, size in entries:
-        normal = name.removeprefix("./").removeprefix("payload/")
-        target = staging / normal
-        if normal in listed:
-            raise IntegrityError(f"files.json lists {name!r} twice", code="files_json_invalid")
-        listed.add(normal)
-        if normal not in present or target.is_symlink() or not target.is_file():
-            raise IntegrityError(
-                f"files.json lists {name!r}, which is missing", code="file_missing"
-            )
-        if size is not None and target.stat().st_size != size:
-            raise IntegrityError(
-                f"{name!r} has a different size than files.json says", code="file_hash_mismatch"
-            )
-        actual = digests.get(normal) or (sha256_file(target) if digest is not None else None)
-        if digest is not None and actual != digest:
-            raise IntegrityError(
-                f"{name!r} does not match its files.json hash", code="file_hash_mismatch"
-            )
-    covered = {name.split("/", 1)[0] for name in listed if "/" in name}
-    extras = [
-        name
-        for name in present
-        if name != "files.json" and name not in listed and name.split("/", 1)[0] in covered
-    ]
-    if extras:
-        raise IntegrityError(
-            f"payload holds files not listed in files.json: {', '.join(map(repr, extras[:5]))}",
-            code="file_unlisted",
-        )
-    return f"{len(listed)} files match files.json"
