@@ -302,15 +302,61 @@ class InboundPipeline:
         if rejected is not None:
             reason["checks"] = [check.__dict__ for check in rejected.checks]
         fsutil.write_bytes_durably(folder / "reason.json", json.dumps(reason, indent=2).encode())
+        # The journal and the audit log get names from inside the payload only as labels;
+        # reason.json, beside the quarantined input, keeps them as they are.
+        shown = redact_payload_names(code, message)
         self.audit.record(
             "envelope_rejected",
             envelope_id=envelope_id,
-            reason=f"{code}: {message}",
+            reason=f"{code}: {shown}",
             path=folder.name,
             outcome="quarantined",
         )
-        LOGGER.warning("rejected inbox entry %r (%s): %s; moved to %s", name, code, message, folder)
+        LOGGER.warning(
+            "rejected inbox entry %r (%s): %s; moved to %s",
+            safe_log_name(name),
+            code,
+            shown,
+            folder.name,
+        )
         return InboundResult(name, "rejected", envelope_id, code)
+
+
+# Codes whose messages quote names chosen by the sender inside the payload (archive member
+# and file names), which a foreign sender may have named after the patient.
+PAYLOAD_NAME_CODES = frozenset(
+    {
+        "unsafe_path",
+        "unsafe_member_type",
+        "duplicate_member",
+        "archive_invalid",
+        "archive_too_large",
+        "file_hash_mismatch",
+        "file_missing",
+        "file_unlisted",
+        "files_json_invalid",
+        "dicom_invalid",
+        "internal_error",
+    }
+)
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+_ENVELOPE_NAME = re.compile(r"[0-9a-fA-F-]{36}(\.[A-Za-z]{1,6})?")
+
+
+def _label(text: str) -> str:
+    return "name-" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def redact_payload_names(code: str, message: str) -> str:
+    """Replace quoted payload names in a rejection message by hash labels, for logs."""
+    if code not in PAYLOAD_NAME_CODES:
+        return message
+    return _QUOTED.sub(lambda match: _label(match.group(0)), message)
+
+
+def safe_log_name(name: str) -> str:
+    """Return an inbox entry's name for the journal: as is for ``<uuid>.<suffix>``, else a label."""
+    return name if _ENVELOPE_NAME.fullmatch(name) else _label(name)
 
 
 def check_dicom_files(opened: OpenedEnvelope) -> str:
