@@ -29,6 +29,7 @@ from agent.jmix.keys import (
 )
 from agent.jmix.profiles import PROFILES
 from agent.jmix.seal import ENVELOPE_FORMATS
+from agent.transport.sftp import parse_host_key
 
 DEFAULT_CONFIG = Path("/etc/jmix-agent/agent.toml")
 AE_TITLE = re.compile(r"[\x20-\x7e]{1,16}")
@@ -409,6 +410,12 @@ def _transport(reader: _Reader | None) -> TransportConfig | None:
                     "must be an OpenSSH public key line such as "
                     "'ssh-ed25519 AAAA...' (from the server's /etc/ssh/ssh_host_*_key.pub)",
                 )
+            try:
+                parse_host_key(line)
+            except ValueError as exc:
+                raise reader.fail(
+                    "host_key", f"is not a usable OpenSSH public key: {exc}"
+                ) from None
         config = SftpTransportConfig(
             host=reader.text("host"),
             port=reader.integer("port", 22, 1, 65535),
@@ -432,6 +439,12 @@ def _peer(reader: _Reader) -> PeerConfig:
     if not signing_list:
         raise reader.fail("signing_key", "must list at least one key")
     signing = tuple(_public_key(reader, "signing_key", True, value) for value in signing_list)
+    if encryption in signing:
+        raise reader.fail(
+            "encryption_key",
+            "is the same key as signing_key; the peer's card lists two different keys, "
+            "so one of them was probably pasted into the wrong line",
+        )
     profile = reader.text("profile", "spec")
     if profile not in PROFILES:
         raise reader.fail("profile", f"must be one of {', '.join(PROFILES)}, got {profile!r}")
@@ -542,6 +555,12 @@ def parse_config(text: str, source: Path) -> Config:
         table.finish()
 
     peers = [_peer(table) for table in root.tables("peers")]
+    for index, peer in enumerate(peers, start=1):
+        if peer.id == identity.id:
+            raise loader.error(
+                f"peers[{index}].id",
+                f"is our own identity id {peer.id!r}; a peer is another site",
+            )
     ids = [peer.id for peer in peers]
     for index, peer_id in enumerate(ids, start=1):
         if ids.index(peer_id) != index - 1:

@@ -136,6 +136,32 @@ BAD_CONFIGS = {
         "signing_key =",
         "is not a valid Ed25519 public key",
     ),
+    "peer keys swapped": BadConfig(
+        VALID.replace(f'encryption_key = "{ENCRYPTION_KEY}"', f'encryption_key = "{SIGNING_KEY}"'),
+        "peers[1].encryption_key",
+        "encryption_key =",
+        "is the same key as signing_key",
+    ),
+    "our own id as a peer": BadConfig(
+        VALID.replace('id = "org:test.site-b"', 'id = "org:test.site-a"').replace(
+            'to = ["org:test.site-b"]', 'to = ["org:test.site-a"]'
+        ),
+        "peers[1].id",
+        'id = "org:test.site-a"',
+        "is our own identity id",
+        occurrence=2,
+    ),
+    "host key blob invalid": BadConfig(
+        VALID.replace(
+            'kind = "directory"\npath = "/srv/jmix-test/site-b"',
+            'kind = "sftp"\nhost = "127.0.0.1"\nusername = "jmix"\n'
+            'private_key = "/k"\nremote_dir = "/in"\n'
+            'host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBROKEN site-b"',
+        ),
+        "peers[1].transport.host_key",
+        "host_key =",
+        "is not a usable OpenSSH public key",
+    ),
     "route to unknown peer": BadConfig(
         VALID.replace('to = ["org:test.site-b"]', 'to = ["org:test.nobody"]'),
         "routes[1].to",
