@@ -132,16 +132,37 @@ def cmd_identity(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config import SftpTransportConfig
+    from agent.transport.base import TransportError
+    from agent.transport.sftp import load_private_key
+
     config = _load(args)
     try:
         load_identity(config.identity)
     except KeyFileError as exc:
         raise UsageError(str(exc)) from None
+    for peer in config.peers:
+        if isinstance(peer.transport, SftpTransportConfig):
+            try:
+                load_private_key(peer.transport.private_key)
+            except TransportError as exc:
+                raise UsageError(f"{config.source}: peer {peer.id!r}: {exc}") from None
     print(
-        f"{config.source}: ok ({len(config.peers)} peers, {len(config.routes)} routes, "
-        f"{len(config.watch)} drop folders, DICOM {'on' if config.dicom.enabled else 'off'})"
+        f"{config.source}: ok ({_plural(len(config.peers), 'peer')}, "
+        f"{_plural(len(config.routes), 'route')}, "
+        f"{_plural(len(config.watch), 'drop folder')}, "
+        f"DICOM {'on' if config.dicom.enabled else 'off'})"
     )
+    # Fingerprints to compare with the '# SHA256:' lines of each peer's identity card.
+    for peer in config.peers:
+        print(f"peer {peer.id}: encryption key {keys.fingerprint(peer.encryption_key)}")
+        for signing in peer.signing_keys:
+            print(f"peer {peer.id}: signing key {keys.fingerprint(signing)}")
     return EXIT_OK
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 # -- envelopes by hand ---------------------------------------------------------------------
@@ -307,6 +328,8 @@ def _run_open(args: argparse.Namespace, keep: Path | None) -> int:
         raise UsageError(f"output folder {keep} is not empty; choose a new one")
     policy = _open_policy(args)
     envelope = Path(args.envelope)
+    if not envelope.exists() and not envelope.is_symlink():
+        raise UsageError(f"{envelope}: no such envelope folder or file")
     with tempfile.TemporaryDirectory(prefix="jmix-open-") as work:
         try:
             opened = open_envelope(envelope, policy, Path(work))
@@ -391,15 +414,39 @@ def _report_checks(
         print(json.dumps(document, indent=2))
         return
     for check in checks:
-        print(f"{'PASS' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+        label = "PASS" if check.ok else "FAIL"
+        if check.ok and check.detail.startswith("not checked"):
+            label = "SKIP"
+        print(f"{label} {check.name}: {check.detail}")
     if not ok and code:
         _error(
-            f"{envelope}: verification failed ({code})",
-            "quarantine the envelope and ask the sender to re-send it; if the sender "
-            "rotated keys, update its signing_key in the config",
+            f"{envelope}: verification failed ({code}); later checks were not run",
+            _failure_hint(args, code),
         )
     if extra and extra.get("output"):
         print(f"payload written to {extra['output']}")
+
+
+def _failure_hint(args: argparse.Namespace, code: str) -> str:
+    """Return the next step for a failed check, for the by-hand commands."""
+    by_hand = bool(getattr(args, "key", None))
+    if code == "key_not_pinned" and by_hand:
+        return (
+            "pass --trust with the sender's signing key (the signing_key line of its "
+            "`jmix-agent identity` card), or --allow-untrusted-sender to open it anyway"
+        )
+    if code == "key_not_pinned":
+        return "add the sender's signing key to its [[peers]] signing_key if it really rotated"
+    if code in ("decrypt_failed", "no_key"):
+        return (
+            "check that --key is our X25519 private key and that the envelope was sealed to "
+            "its public key"
+            if by_hand
+            else "the envelope was altered, or sealed to a key that is not ours"
+        )
+    if code.startswith("jws"):
+        return "the manifest.jws does not match; ask the sender to seal the envelope again"
+    return "keep the envelope for inspection and ask the sender to seal and send it again"
 
 
 def cmd_open(args: argparse.Namespace) -> int:
@@ -436,9 +483,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "encrypted": "encryption" in security,
         "sender_assertion": "assertion" in (manifest.get("sender") or {}),
         "requester": (manifest.get("requester") or {}).get("id"),
-        "jws": (security.get("jws") or {}).get("jws_file") or (
-            "manifest.jws" if "manifest.jws" in names else None
-        ),
+        "jws": (security.get("jws") or {}).get("jws_file")
+        or ("manifest.jws" if "manifest.jws" in names else None),
         "files": names,
     }
     if args.json:
@@ -450,7 +496,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from agent.audit import verify_log
+    from agent.audit import head_path, verify_log
 
     path = Path(args.path) if args.path else _load(args).audit_path
     if not path.exists():
@@ -458,10 +504,19 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     report = verify_log(path)
     if report.ok:
         print(f"{path}: {report.records} records, chain intact")
+        if report.records and not head_path(path).exists():
+            print(
+                f"{PROG}: warning: {head_path(path).name} is missing, so records cut off the "
+                "end of the log cannot be detected; copy it together with the log",
+                file=sys.stderr,
+            )
         return EXIT_OK
+    # A changed record breaks the link stored in the record after it, so the record
+    # before the reported line is suspect too.
+    last_intact = (report.first_bad_line or 1) - 2
     _error(
         f"{path}: line {report.first_bad_line}: {report.problem}",
-        f"records before line {report.first_bad_line} are intact",
+        f"records 1 to {last_intact} are intact" if last_intact > 0 else None,
     )
     return EXIT_FAILED
 
