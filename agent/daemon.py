@@ -180,7 +180,7 @@ class Agent:
         self._start_intake()
         self.audit.record("agent_started", outcome="ok")
         LOGGER.info(
-            "jmix-agent %s started: state %s, %d peers, DICOM %s, %d drop folders",
+            "jmix-agent %s started: state %s, peers: %d, DICOM %s, drop folders: %d",
             self.identity.id,
             self.config.state_dir,
             len(self.config.peers),

@@ -346,7 +346,8 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
         for envelope in imported:
             dicom = sorted((envelope / "dicom").glob("*.dcm"))
             total += len(dicom)
-            print(f"  {envelope.name}/  {len(dicom)} instances, metadata.json, files.json")
+            noun = "instance" if len(dicom) == 1 else "instances"
+            print(f"  {envelope.name}/  {len(dicom)} {noun}, metadata.json, files.json")
         ok = len(imported) == expected and total == len(files)
         print(
             f"\n{'OK' if ok else 'INCOMPLETE'}: {total} of {len(files)} instances in "
@@ -359,8 +360,13 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
         sshd.stop()
         if not keep and workdir is None:
             shutil.rmtree(root, ignore_errors=True)
+            print(f"removed the demo folder {root}; run with --keep to look around in it")
         elif keep:
-            print(f"kept {root}")
+            print(
+                f"kept {root}: agent logs in site-a/agent.log and site-b/agent.log, "
+                f"configs in site-*/agent.toml; the command is {Path(sys.executable).parent}"
+                "/jmix-agent"
+            )
 
 
 def _study_count(files: Sequence[Path]) -> int:

@@ -260,20 +260,23 @@ class InboundPipeline:
             "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         fsutil.write_bytes_durably(ledger_entry, json.dumps(record).encode())
+        # count is DICOM instances, as in the sender's envelope_sealed record.
+        instances = sum(1 for name in opened.files if name.startswith("dicom/"))
         self.audit.record(
             "envelope_imported",
             envelope_id=envelope_id,
             peer=opened.sender_id,
             study_uid=study_uid,
-            count=len(opened.files),
+            count=instances,
             dialect=opened.hkdf_dialect,
             hash_rule=opened.hash_rule,
             outcome="ok",
         )
         LOGGER.info(
-            "imported envelope %s from %s (%d files)",
+            "imported envelope %s from %s (%d instances, %d files)",
             envelope_id,
             opened.sender_id,
+            instances,
             len(opened.files),
         )
         return InboundResult(name, "imported", envelope_id)
