@@ -395,7 +395,9 @@ def _public_key(reader: _Reader, name: str, signing: bool, value: str) -> bytes:
 def _transport(reader: _Reader | None) -> TransportConfig | None:
     if reader is None:
         return None
-    kind = reader.text("kind", pattern=re.compile(r"sftp|directory"))
+    kind = reader.text("kind")
+    if kind not in ("sftp", "directory"):
+        raise reader.fail("kind", f"must be \"sftp\" or \"directory\", got {kind!r}")
     if kind == "directory":
         config: TransportConfig = DirectoryTransportConfig(reader.path("path"))
     else:

@@ -185,7 +185,7 @@ BAD_CONFIGS = {
         VALID.replace('kind = "directory"', 'kind = "ftp"'),
         "peers[1].transport.kind",
         "kind =",
-        "has an invalid value 'ftp'",
+        'must be "sftp" or "directory", got \'ftp\'',
     ),
     "revoked fingerprint": BadConfig(
         VALID.replace("revoked_fingerprints = []", 'revoked_fingerprints = ["MD5:abc"]'),
