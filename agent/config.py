@@ -397,7 +397,7 @@ def _transport(reader: _Reader | None) -> TransportConfig | None:
         return None
     kind = reader.text("kind")
     if kind not in ("sftp", "directory"):
-        raise reader.fail("kind", f"must be \"sftp\" or \"directory\", got {kind!r}")
+        raise reader.fail("kind", f'must be "sftp" or "directory", got {kind!r}')
     if kind == "directory":
         config: TransportConfig = DirectoryTransportConfig(reader.path("path"))
     else:
