@@ -19,13 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from agent.demo import Site, build_pair, sample_paths, start_agent, stop_agent
+from agent.demo import STORESCU, Site, build_pair, sample_paths, start_agent, stop_agent
 from agent.devtools.sshd import SshdServer
 
 TIMEOUT = 90.0
+
+# Marks of every fault test module: real agents, sshd and storescu, minutes in all.
+# pydicom warns about odd sample values while the tests read files, which is expected.
+FAULT_TEST_MARKS = [
+    pytest.mark.skipif(not STORESCU.exists(), reason="DCMTK storescu is not installed"),
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
 STARTED = re.compile(r"jmix-agent \S+ started:")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import (
+    FAULT_TEST_MARKS,
     Pair,
     Study,
     audit_events,
@@ -36,11 +37,7 @@ from agent.audit import verify_log
 from agent.demo import STORESCU, storescu
 from agent.devtools.sshd import SshdServer
 
-pytestmark = [
-    pytest.mark.skipif(not STORESCU.exists(), reason="DCMTK storescu is not installed"),
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = FAULT_TEST_MARKS
 
 
 @pytest.fixture

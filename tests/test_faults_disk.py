@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import (
+    FAULT_TEST_MARKS,
     Pair,
     audit_events,
     drop_atomically,
@@ -26,14 +27,10 @@ from faultkit import (
     wait_until,
 )
 
-from agent.demo import STORESCU, storescu
+from agent.demo import storescu
 from agent.devtools.sshd import SshdServer
 
-pytestmark = [
-    pytest.mark.skipif(not STORESCU.exists(), reason="DCMTK storescu is not installed"),
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = FAULT_TEST_MARKS
 
 MIN_FREE_MB = 24
 

@@ -20,8 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from faultkit import (
+    FAULT_TEST_MARKS,
     Pair,
     Study,
     audit_events,
@@ -38,14 +38,10 @@ from faultkit import (
 )
 
 from agent.audit import verify_log
-from agent.demo import STORESCU, storescu
+from agent.demo import storescu
 from agent.devtools.sshd import SshdServer
 
-pytestmark = [
-    pytest.mark.skipif(not STORESCU.exists(), reason="DCMTK storescu is not installed"),
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = FAULT_TEST_MARKS
 
 KILLS = int(os.environ.get("JMIX_SOAK_KILLS", "30"))
 PHASES = ("receive", "seal", "upload", "import", "random")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import (
+    FAULT_TEST_MARKS,
     Pair,
     Study,
     audit_events,
@@ -33,14 +34,10 @@ from faultkit import (
 )
 
 from agent.audit import verify_log
-from agent.demo import STORESCU, Site, storescu
+from agent.demo import Site, storescu
 from agent.devtools.sshd import SshdServer, generate_key
 
-pytestmark = [
-    pytest.mark.skipif(not STORESCU.exists(), reason="DCMTK storescu is not installed"),
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = FAULT_TEST_MARKS
 
 PEER = "org:demo.site-b"
 

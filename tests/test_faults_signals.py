@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import (
+    FAULT_TEST_MARKS,
     Pair,
     Study,
     imported_copies,
@@ -27,14 +28,10 @@ from faultkit import (
 )
 
 from agent.audit import verify_log
-from agent.demo import STORESCU, free_port, storescu
+from agent.demo import free_port, storescu
 from agent.devtools.sshd import SshdServer
 
-pytestmark = [
-    pytest.mark.skipif(not STORESCU.exists(), reason="DCMTK storescu is not installed"),
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = FAULT_TEST_MARKS
 
 EXIT_SECONDS = 20.0
 """A generous bound below the unit's TimeoutStopSec (90 s); not a performance figure."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import pytest
 from faultkit import (
+    FAULT_TEST_MARKS,
     Study,
     audit_events,
     drop_atomically,
@@ -22,14 +22,10 @@ from faultkit import (
     wait_until,
 )
 
-from agent.demo import STORESCU, storescu
+from agent.demo import storescu
 from agent.devtools.sshd import SshdServer
 
-pytestmark = [
-    pytest.mark.skipif(not STORESCU.exists(), reason="DCMTK storescu is not installed"),
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+pytestmark = FAULT_TEST_MARKS
 
 ASSOCIATIONS = 8
 INSTANCES = 500
