@@ -530,3 +530,23 @@ def test_config_requester(tmp_path: Path, keys: dict[str, Keys]) -> None:
     outbound = sender_pipeline(tmp_path, keys["a"], keys["b"], requester=True)
     assert outbound.config.identity.requester_id == "org:test.site-a.radiology"
     assert outbound.config.identity.requester_name == ""
+
+
+def test_patient_named_entry_only_labelled(tmp_path: Path, keys: dict[str, Keys]) -> None:
+    receiver = make_receiver(tmp_path / "b", keys["b"], keys["a"], keys["c"])
+    container = tmp_path / "DOE_JANE_scan.zip"
+    with zipfile.ZipFile(container, "w") as bundle:
+        bundle.writestr("DOE_JANE/../../escaped.txt", b"x")
+
+    result = receiver.process(container)
+
+    assert result.reason == "unsafe_path"
+    folders = [path.name for path in receiver.config.inbound.quarantine_dir.iterdir()]
+    assert len(folders) == 1
+    assert "DOE_JANE" not in folders[0]
+    audit_text = (receiver.root / "audit.jsonl").read_text()
+    assert "envelope_rejected" in audit_text
+    assert "DOE_JANE" not in audit_text
+    reason = receiver.quarantined()[0]
+    assert reason["inbox_name"] == "DOE_JANE_scan.zip"
+    assert "DOE_JANE" in reason["reason"]

@@ -60,7 +60,7 @@ def safe_display_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class InboundResult:
-    """What happened to one inbox entry."""
+    """The outcome of processing one inbox entry."""
 
     name: str
     outcome: str
@@ -291,10 +291,12 @@ class InboundPipeline:
         rejected: EnvelopeRejected | None = None,
     ) -> InboundResult:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        folder = self.quarantine / f"{stamp}-{safe_display_name(name)}-{uuid.uuid4().hex[:6]}"
+        # The folder name reaches the journal and audit log, so a free-form name is a label.
+        folder = self.quarantine / f"{stamp}-{safe_log_name(name)}-{uuid.uuid4().hex[:6]}"
         folder.mkdir(mode=0o700)
         if claimed.exists() or claimed.is_symlink():
             fsutil.rename_durably(claimed, folder / claimed.name)
+
         reason: dict[str, Any] = {
             "code": code,
             "reason": message,
@@ -305,6 +307,7 @@ class InboundPipeline:
         if rejected is not None:
             reason["checks"] = [check.__dict__ for check in rejected.checks]
         fsutil.write_bytes_durably(folder / "reason.json", json.dumps(reason, indent=2).encode())
+
         # The journal and the audit log get names from inside the payload only as labels;
         # reason.json, beside the quarantined input, keeps them as they are.
         shown = redact_payload_names(code, message)
