@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    """Who this agent is, and where its private keys live."""
+    """Our identity: the id and name peers know us by, and our private key files."""
 
     id: str
     name: str
@@ -137,7 +137,7 @@ class PeerConfig:
 
 @dataclass(frozen=True)
 class RouteConfig:
-    """Which studies go to which peers; an empty criterion matches everything."""
+    """A routing rule: the peers that matching studies go to. Empty criteria match all."""
 
     to: tuple[str, ...]
     calling_ae: tuple[str, ...] = ()
@@ -432,7 +432,10 @@ def _transport(reader: _Reader | None) -> TransportConfig | None:
 
 
 def _peer(reader: _Reader) -> PeerConfig:
+    """Validate one [[peers]] table: its id, pinned keys, dialect and transport."""
     identifier = reader.text("id", pattern=PEER_ID)
+
+    # The pinned keys, from the peer's identity card.
     encryption = _public_key(reader, "encryption_key", False, reader.text("encryption_key"))
     signing_values = reader.get(
         "signing_key", (str, list), what="a base64 public key or a list of them"
@@ -447,6 +450,8 @@ def _peer(reader: _Reader) -> PeerConfig:
             "is the same key as signing_key; the peer's card lists two different keys, "
             "so one of them was probably pasted into the wrong line",
         )
+
+    # What we write for this peer.
     profile = reader.text("profile", "spec")
     if profile not in PROFILES:
         raise reader.fail("profile", f"must be one of {', '.join(PROFILES)}, got {profile!r}")
@@ -456,6 +461,7 @@ def _peer(reader: _Reader) -> PeerConfig:
             "envelope_format",
             f"must be one of {', '.join(ENVELOPE_FORMATS)}, got {envelope_format!r}",
         )
+
     peer = PeerConfig(
         id=identifier,
         name=reader.text("name", identifier),

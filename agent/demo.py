@@ -47,7 +47,7 @@ SAMPLE_FILES = (
     "JPEG2000.dcm",
 )
 
-# storescu proposes a compressed transfer syntax only when told to, and converts an
+# storescu proposes a compressed transfer syntax only with its option, and converts an
 # uncompressed file to the first uncompressed syntax the SCP accepts, so each syntax has
 # the option that proposes it first. One option per association: files go in groups.
 STORESCU_PROPOSE = {

@@ -1,6 +1,6 @@
 """Payload encryption: ephemeral X25519, HKDF-SHA256, streaming AES-256-GCM.
 
-The 16-byte GCM tag is stored only in the manifest; the encrypted file holds the bare
+The 16-byte GCM tag is stored only in the manifest; the encrypted file contains the bare
 ciphertext, as every JMIX library writes it. Both directions stream in chunks so memory
 stays bounded whatever the payload size. Decryption writes plaintext only to a private
 file chosen by the caller and reports success only after the tag verified, so callers
@@ -38,7 +38,7 @@ def derive_key(shared_secret: bytes, info: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class EncryptionParams:
-    """What the manifest's encryption block records (raw bytes)."""
+    """The values the manifest's encryption block records, as raw bytes."""
 
     ephemeral_public_key: bytes
     iv: bytes

@@ -211,7 +211,7 @@ def verify_manifest_jws(
     verified = verify_compact(token, public_keys, detached_payload=manifest_bytes)
     if verified.payload != manifest_bytes:
         raise JwsError(
-            f"{name} signs different bytes than manifest.json holds: the manifest was "
+            f"{name} signs different bytes than manifest.json contains: the manifest was "
             "changed after it was signed, or the sender signed another copy of it",
             code="jws_payload_mismatch",
         )

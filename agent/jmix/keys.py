@@ -106,7 +106,7 @@ def _from_pem(data: bytes, kind: type[_Key], what: str) -> _Key:
         raise KeyFormatError(f"{what} is not a readable PEM key: {exc}") from exc
     if not isinstance(key, kind):
         raise KeyFormatError(
-            f"{what} holds a {type(key).__name__.removeprefix('_')}, expected {kind.__name__}"
+            f"{what} contains a {type(key).__name__.removeprefix('_')}, expected {kind.__name__}"
         )
     return key
 

@@ -21,6 +21,7 @@ SKIPPED_HASHES = ("", "sha256:skipped")
 
 
 def read_limited(path: Path, limit: int, what: str) -> bytes:
+    """Read a regular file of at most ``limit`` bytes; links and special files count as missing."""
     if path.is_symlink() or not path.is_file():
         raise EnvelopeFormatError(f"{what} is missing", code="manifest_missing")
     if path.stat().st_size > limit:
@@ -29,6 +30,7 @@ def read_limited(path: Path, limit: int, what: str) -> bytes:
 
 
 def read_json(path: Path, limit: int, what: str) -> Any:
+    """Read and strictly parse a JSON file of at most ``limit`` bytes."""
     return parse_json(read_limited(path, limit, what), what)
 
 
@@ -100,15 +102,18 @@ def validate_manifest(manifest: Mapping[str, Any]) -> str:
         raise EnvelopeFormatError(
             f"manifest id {identifier!r} is not a UUID", code="manifest_invalid"
         ) from None
+
     timestamp = _require_str(manifest, "timestamp", "manifest timestamp")
     try:
         parse_timestamp(timestamp)
     except ValueError as exc:
         raise EnvelopeFormatError(f"manifest timestamp: {exc}", code="manifest_invalid") from exc
+
     sender = manifest.get("sender")
     if not isinstance(sender, dict):
         raise EnvelopeFormatError("manifest sender is missing", code="manifest_invalid")
     _require_str(sender, "id", "sender id")
+
     receivers = manifest.get("receiver")
     if not isinstance(receivers, list) or not receivers:
         raise EnvelopeFormatError("manifest lists no receiver", code="manifest_invalid")
@@ -118,6 +123,7 @@ def validate_manifest(manifest: Mapping[str, Any]) -> str:
                 "a manifest receiver is not an object", code="manifest_invalid"
             )
         _require_str(receiver, "id", "receiver id")
+
     security = manifest.get("security", {})
     if not isinstance(security, dict):
         raise EnvelopeFormatError("manifest security is not an object", code="manifest_invalid")
@@ -128,6 +134,7 @@ def validate_manifest(manifest: Mapping[str, Any]) -> str:
 
 
 def encryption_params(block: object) -> EncryptionParams:
+    """Decode the manifest's encryption block, checking the algorithm and each length."""
     if not isinstance(block, dict):
         raise EnvelopeFormatError("security.encryption is not an object", code="manifest_invalid")
     algorithm = block.get("algorithm")

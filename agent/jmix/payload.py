@@ -84,7 +84,7 @@ def _file_entries(document: Any) -> list[tuple[str, str | None, int | None]]:
 def check_files_json(staging: Path, present: list[str], digests: Mapping[str, str]) -> str:
     """Check files.json's entries; files under a top folder it covers must all be listed.
 
-    ``digests`` holds the SHA-256 of files hashed while they were unpacked; other files
+    ``digests`` maps names to the SHA-256 of files hashed while they were unpacked; other files
     are read again.
     """
     listing = staging / "files.json"
@@ -119,7 +119,7 @@ def check_files_json(staging: Path, present: list[str], digests: Mapping[str, st
     ]
     if extras:
         raise IntegrityError(
-            f"payload holds files not listed in files.json: {', '.join(map(repr, extras[:5]))}",
+            f"payload contains files not listed in files.json: {', '.join(map(repr, extras[:5]))}",
             code="file_unlisted",
         )
     return f"{len(listed)} files match files.json"

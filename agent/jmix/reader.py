@@ -78,7 +78,7 @@ ENVELOPE_SUFFIXES = (".jmix",)
 
 @dataclass(frozen=True)
 class OpenPolicy:
-    """What the opener trusts and requires.
+    """The opener's trust anchors and requirements.
 
     ``trusted`` pins signing keys per sender id. With ``require_sender_identity`` false
     (the CLI's ``--allow-untrusted-sender``) an unverifiable sender is reported, not fatal.

@@ -81,7 +81,7 @@ class PayloadFile:
 
 @dataclass(frozen=True)
 class SealResult:
-    """What was written."""
+    """The sealed envelope: its path, id, payload hash, file count and payload size."""
 
     path: Path
     envelope_id: str

@@ -68,7 +68,7 @@ def source_marker(kind: str, value: str) -> str:
 
 @dataclass(frozen=True)
 class StoredInstance:
-    """Where an instance was stored and whether it replaced an identical SOP instance."""
+    """A stored instance's path, and whether it replaced a file of the same SOP instance."""
 
     path: Path
     replaced: bool
