@@ -11,11 +11,9 @@ import base64
 import hashlib
 import io
 import json
-import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from jmixkit import bundled_ct_study
-from jsonschema import Draft202012Validator, FormatChecker
+from jmixkit import bundled_ct_study, format_checker
+from jsonschema import Draft202012Validator
 
 from agent.dicom.inspect import build_metadata
 from agent.jmix.assertion import TrustedKeys
@@ -350,25 +348,6 @@ def test_files_json_hashes(roundtrip: RoundTrip) -> None:
 
 
 # -- schemas ----------------------------------------------------------------------------------
-
-RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-
-
-def _is_date_time(value: object) -> bool:
-    if not isinstance(value, str):
-        return True
-    if not RFC3339.fullmatch(value):
-        return False
-    datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-    return True
-
-
-def format_checker() -> FormatChecker:
-    """Return jsonschema's format checker plus an RFC 3339 date-time check if it lacks one."""
-    checker = FormatChecker()
-    if "date-time" not in checker.checkers:
-        checker.checks("date-time", raises=ValueError)(_is_date_time)
-    return checker
 
 
 @pytest.fixture(scope="module")

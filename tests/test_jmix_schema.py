@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from jsonschema import Draft202012Validator, FormatChecker
+from jmixkit import format_checker
+from jsonschema import Draft202012Validator
 from pydicom.data import get_testdata_files
 
 from agent.dicom.inspect import build_metadata
@@ -40,25 +39,6 @@ SCHEMA_FILES = {
 }
 SENDER = Party("org:test.site-a", "Site A", "pacs@site-a.test")
 RECEIVER = Party("org:test.site-b", "Site B", "pacs@site-b.test")
-
-RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-
-
-def _is_date_time(value: object) -> bool:
-    if not isinstance(value, str):
-        return True
-    if not RFC3339.fullmatch(value):
-        return False
-    datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-    return True
-
-
-def format_checker() -> FormatChecker:
-    """Return jsonschema's format checker plus an RFC 3339 date-time check if it lacks one."""
-    checker = FormatChecker()
-    if "date-time" not in checker.checkers:
-        checker.checks("date-time", raises=ValueError)(_is_date_time)
-    return checker
 
 
 @pytest.fixture(scope="module")
